@@ -1,0 +1,3 @@
+from dicom_ai_node.cli import main
+
+main()

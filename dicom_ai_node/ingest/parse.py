@@ -1,0 +1,192 @@
+"""Read and check the header of a received dataset without decoding pixels.
+
+pydicom parses leniently: a dataset cut off in the middle of its pixel data
+still "reads".  A node that must never lose a study cannot answer Success to
+half an image, so truncation is checked explicitly: every element with a
+defined length must have all its bytes, encapsulated pixel data must end with
+its sequence delimiter, and native pixel data must be as long as
+Rows x Columns x Samples x Bits Allocated x Frames says.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+import zlib
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from dicom_ai_node.store.files import InvalidUID, validate_uid
+from dicom_ai_node.store.index import InstanceHeader
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_OTHER_PIXEL_DATA = (Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))  # Float / Double Float Pixel Data
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+
+
+class RejectedDataset(ValueError):
+    """A dataset the node will not store; `status` is the C-STORE failure status to answer."""
+
+    # PS3.4 Annex B.2.3 / pynetdicom: 0xA900 "Data Set does not match SOP Class",
+    # 0xC210 "Cannot understand: failed to decode the dataset".
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+CANNOT_UNDERSTAND = 0xC210
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+
+
+def parse_header(raw: bytes, transfer_syntax: str, affected_sop_instance_uid: str | None = None) -> InstanceHeader:
+    """Check `raw` (a dataset as sent, without file meta) and extract the index fields."""
+    ts = UID(transfer_syntax)
+    data = raw
+    if ts == DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompress(raw, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise RejectedDataset(CANNOT_UNDERSTAND, f"deflated dataset cannot be inflated: {exc}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
+            _check_complete(ds, ts.is_little_endian, len(data))
+            return _header(ds, ts, affected_sop_instance_uid)
+    except RejectedDataset:
+        raise
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise RejectedDataset(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
+
+
+def _check_complete(ds: Dataset, little_endian: bool, total: int) -> None:
+    if len(ds) == 0:
+        raise RejectedDataset(CANNOT_UNDERSTAND, "dataset cannot be parsed: no data elements found")
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        value, length = getattr(raw, "value", None), getattr(raw, "length", None)
+        if length is None or value is None or not isinstance(value, bytes | bytearray):
+            continue
+        if length != UNDEFINED_LENGTH and length > total:
+            raise RejectedDataset(
+                CANNOT_UNDERSTAND,
+                f"not a valid DICOM dataset: element {tag} claims {length} bytes, the whole dataset has {total}",
+            )
+        if length != UNDEFINED_LENGTH and len(value) < length:
+            raise RejectedDataset(
+                CANNOT_UNDERSTAND,
+                f"dataset truncated: element {tag} has {len(value)} of its {length} bytes",
+            )
+        if length == UNDEFINED_LENGTH and tag == PIXEL_DATA:
+            _check_fragments(value, little_endian)
+    if PIXEL_DATA in ds:
+        _check_native_pixel_length(ds)
+    elif "Rows" in ds and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
+        raise RejectedDataset(
+            DOES_NOT_MATCH_SOP_CLASS, "image attributes (Rows, Columns) but no Pixel Data: dataset truncated?"
+        )
+
+
+def _check_fragments(value: bytes, little_endian: bool) -> None:
+    """Walk the items of encapsulated pixel data; they must fill it exactly."""
+    fmt = "<HHL" if little_endian else ">HHL"
+    offset = 0
+    while offset + 8 <= len(value):
+        group, element, length = struct.unpack_from(fmt, value, offset)
+        if (group, element) == _SEQUENCE_DELIMITER:
+            return
+        if (group, element) != _ITEM or offset + 8 + length > len(value):
+            break
+        offset += 8 + length
+    if offset != len(value):
+        raise RejectedDataset(CANNOT_UNDERSTAND, "dataset truncated: encapsulated pixel data ends mid-fragment")
+
+
+def _check_native_pixel_length(ds: Dataset) -> None:
+    raw = ds.get_item(PIXEL_DATA)
+    if getattr(raw, "length", UNDEFINED_LENGTH) == UNDEFINED_LENGTH:
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, f"pixel data without a valid image description: {exc}")
+    expected_bits = rows * columns * samples * bits * frames
+    expected = (expected_bits + 7) // 8
+    actual = len(raw.value or b"")
+    if actual < expected:
+        raise RejectedDataset(
+            CANNOT_UNDERSTAND,
+            f"dataset truncated: pixel data has {actual} bytes, {rows}x{columns}x{frames} frames need {expected}",
+        )
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _multi_valued(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip() for v in values)
+
+
+def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> InstanceHeader:
+    uids = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = _text(ds, keyword)
+        if value is None:
+            raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, f"dataset lacks {keyword} (0020/0008 Type 1 attribute)")
+        try:
+            uids[keyword] = validate_uid(value, keyword)
+        except InvalidUID as exc:
+            raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
+    if affected_sop_instance_uid and affected_sop_instance_uid.strip() != uids["SOPInstanceUID"]:
+        raise RejectedDataset(
+            DOES_NOT_MATCH_SOP_CLASS,
+            f"SOPInstanceUID {uids['SOPInstanceUID']} in the dataset differs from the C-STORE request's "
+            f"Affected SOP Instance UID {affected_sop_instance_uid}",
+        )
+    return InstanceHeader(
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        transfer_syntax_uid=str(ts),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        study_description=_text(ds, "StudyDescription"),
+        modality=_text(ds, "Modality"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_number=_integer(ds, "SeriesNumber"),
+        instance_number=_integer(ds, "InstanceNumber"),
+        image_type=_multi_valued(ds, "ImageType"),
+        rows=_integer(ds, "Rows"),
+        columns=_integer(ds, "Columns"),
+        number_of_frames=_integer(ds, "NumberOfFrames"),
+    )

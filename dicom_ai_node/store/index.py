@@ -1,0 +1,327 @@
+"""The instance index: the hot path of ingest and the audit trail.
+
+Written with SQLAlchemy Core, not the ORM, because it runs once per received
+instance inside the C-STORE handler: one short transaction per instance, with
+`INSERT ... ON CONFLICT DO NOTHING` making re-sends idempotent on both SQLite
+and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dicom_ai_node.store.models import Event, Instance, Series, SeriesState, Study, utcnow
+
+_studies = Study.__table__
+_series = Series.__table__
+_instances = Instance.__table__
+_events = Event.__table__
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The header fields ingest extracts from a dataset for the index and the router."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    image_type: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an instance, and by which way in."""
+
+    ae_title: str | None
+    host: str | None
+    source: str = "dimse"
+
+    def __str__(self) -> str:
+        return f"{self.ae_title or '?'}@{self.host or '?'} ({self.source})"
+
+
+class Outcome(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID already stored: first copy kept
+    LATE = "late"  # new instance for a series that had completed: re-opened for re-processing
+
+
+@dataclass(frozen=True)
+class CompletedSeries:
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str | None
+    instances: int
+    reprocess: bool
+
+
+def _insert_event(connection: Connection, kind: str, message: str, level: str = "info", **uids: str | None) -> None:
+    connection.execute(_events.insert().values(at=utcnow(), level=level, kind=kind, message=message, **uids))
+
+
+def _count_duplicate(connection: Connection, series_id: int) -> None:
+    connection.execute(
+        update(_series).where(_series.c.id == series_id).values(duplicates_received=_series.c.duplicates_received + 1)
+    )
+
+
+class Index:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+        # SQLite has one writer at a time; queueing in-process beats busy-waiting on the file lock.
+        self._write_lock = threading.Lock() if self._dialect == "sqlite" else contextlib.nullcontext()
+        # Hot-path statements are built once: constructing SQLAlchemy statements per
+        # instance cost more than the SQL itself.
+        self._find_instance = select(_instances.c.series_id).where(
+            _instances.c.sop_instance_uid == bindparam("sop_instance_uid")
+        )
+        self._find_series = select(_series.c.id, _series.c.state).where(
+            _series.c.series_instance_uid == bindparam("series_instance_uid")
+        )
+        self._add_instance = self._insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        self._touch_receiving_series = (
+            update(_series)
+            .where(_series.c.id == bindparam("series_id"), _series.c.state == SeriesState.RECEIVING.value)
+            .values(last_received_at=bindparam("now"))
+        )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self.engine.begin() as connection:
+            yield connection
+
+    def _insert(self, table):
+        return (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(table)
+
+    def stored_series_id(self, sop_instance_uid: str) -> int | None:
+        """The series row of an already stored instance, or None if it is new."""
+        with self.engine.connect() as connection:
+            return connection.execute(self._find_instance, {"sop_instance_uid": sop_instance_uid}).scalar()
+
+    def record_duplicate(self, series_id: int) -> None:
+        with self._write() as connection:
+            _count_duplicate(connection, series_id)
+
+    def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> Outcome:
+        now = utcnow()
+        with self._write() as connection:
+            series_id, state, created = self._series_row(connection, header, now)
+            inserted = connection.execute(
+                self._add_instance,
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "series_id": series_id,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "image_type": header.image_type,
+                    "rows": header.rows,
+                    "columns": header.columns,
+                    "number_of_frames": header.number_of_frames,
+                    "file_path": file_path,
+                    "file_size": file_size,
+                    "received_at": now,
+                    "calling_ae_title": sender.ae_title,
+                    "calling_host": sender.host,
+                    "source": sender.source,
+                },
+            ).rowcount
+            if not inserted:  # a concurrent association stored it first
+                _count_duplicate(connection, series_id)
+                return Outcome.DUPLICATE
+            if created:
+                self._event(
+                    connection,
+                    "receiving",
+                    f"series {header.series_instance_uid} ({header.modality or '?'}, "
+                    f"{header.series_description or 'no description'!r}) started arriving from {sender}",
+                    header,
+                    sender,
+                )
+            if connection.execute(self._touch_receiving_series, {"series_id": series_id, "now": now}).rowcount:
+                return Outcome.NEW
+            connection.execute(
+                update(_series)
+                .where(_series.c.id == series_id)
+                .values(
+                    state=SeriesState.RECEIVING.value,
+                    state_reason=f"re-opened: new instance after the series was {state}",
+                    last_received_at=now,
+                    reprocess_requested=True,
+                    late_instances=_series.c.late_instances + 1,
+                )
+            )
+            self._event(
+                connection,
+                "late-instance",
+                f"instance {header.sop_instance_uid} arrived after series {header.series_instance_uid} was "
+                f"{state}; the series is re-opened and flagged for re-processing",
+                header,
+                sender,
+                level="warning",
+            )
+            return Outcome.LATE
+
+    def _series_row(self, connection: Connection, header: InstanceHeader, now: dt.datetime) -> tuple[int, str, bool]:
+        """(series id, state, whether this call created it)."""
+        key = {"series_instance_uid": header.series_instance_uid}
+        row = connection.execute(self._find_series, key).first()
+        if row is not None:
+            return row.id, row.state, False
+        connection.execute(
+            self._insert(_studies)
+            .values(
+                study_instance_uid=header.study_instance_uid,
+                patient_id=header.patient_id,
+                patient_name=header.patient_name,
+                accession_number=header.accession_number,
+                study_date=header.study_date,
+                study_time=header.study_time,
+                study_description=header.study_description,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        study_id = connection.execute(
+            select(_studies.c.id).where(_studies.c.study_instance_uid == header.study_instance_uid)
+        ).scalar_one()
+        created = connection.execute(
+            self._insert(_series)
+            .values(
+                series_instance_uid=header.series_instance_uid,
+                study_id=study_id,
+                modality=header.modality,
+                body_part_examined=header.body_part_examined,
+                series_description=header.series_description,
+                series_number=header.series_number,
+                state=SeriesState.RECEIVING.value,
+                first_received_at=now,
+                last_received_at=now,
+                reprocess_requested=False,
+                late_instances=0,
+                duplicates_received=0,
+            )
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+        ).rowcount
+        row = connection.execute(self._find_series, key).one()
+        return row.id, row.state, bool(created)
+
+    def record_event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        level: str = "info",
+        study_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        calling_ae_title: str | None = None,
+    ) -> None:
+        with self._write() as connection:
+            _insert_event(
+                connection,
+                kind,
+                message,
+                level,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                sop_instance_uid=sop_instance_uid,
+                calling_ae_title=calling_ae_title,
+            )
+
+    @staticmethod
+    def _event(
+        connection: Connection, kind: str, message: str, header: InstanceHeader, sender: Sender, level: str = "info"
+    ) -> None:
+        _insert_event(
+            connection,
+            kind,
+            message,
+            level,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            calling_ae_title=sender.ae_title,
+        )
+
+    def complete_stable_series(self, stable_seconds: float) -> list[CompletedSeries]:
+        """Mark every series with no new instance for `stable_seconds` as complete.
+
+        The state lives only in the database, so after a restart the same call
+        completes series whose last instance arrived before the restart.
+        """
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=stable_seconds)
+        counts = (
+            select(func.count())
+            .where(_instances.c.series_id == _series.c.id)
+            .scalar_subquery()
+            .label("instances")
+        )
+        with self.engine.connect() as connection:
+            candidates = connection.execute(
+                select(
+                    _series.c.id,
+                    _series.c.series_instance_uid,
+                    _series.c.modality,
+                    _series.c.reprocess_requested,
+                    _series.c.late_instances,
+                    _studies.c.study_instance_uid,
+                    counts,
+                )
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
+            ).all()
+        completed = []
+        for row in candidates:
+            with self._write() as connection:
+                changed = connection.execute(
+                    update(_series)
+                    .where(
+                        _series.c.id == row.id,
+                        _series.c.state == SeriesState.RECEIVING.value,
+                        _series.c.last_received_at < cutoff,
+                    )
+                    .values(state=SeriesState.COMPLETE.value, state_reason=None, completed_at=now)
+                ).rowcount
+                if not changed:  # an instance arrived meanwhile
+                    continue
+                note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
+                _insert_event(
+                    connection,
+                    "complete",
+                    f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
+                    study_instance_uid=row.study_instance_uid,
+                    series_instance_uid=row.series_instance_uid,
+                )
+            completed.append(
+                CompletedSeries(
+                    row.series_instance_uid, row.study_instance_uid, row.modality, row.instances, row.reprocess_requested
+                )
+            )
+        return completed
