@@ -12,4 +12,6 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster 
   $sudo pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
 fi
 scripts/install.sh test
+# The venv's tools (dciodvfy, dcmqi) after the system's, so dcmtk's storescu is not shadowed by pynetdicom's.
+export PATH="$PATH:$PWD/.venv/bin"
 exec .venv/bin/python -m pytest "$@"

