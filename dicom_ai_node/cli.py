@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+job_app = typer.Typer(help="One job in detail.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
 
 console = Console()
 errors = Console(stderr=True)
@@ -73,7 +75,17 @@ def _size(num_bytes: int) -> str:
     return ""
 
 
-_STATE_STYLE = {"receiving": "yellow", "complete": "green", "not-routed": "dim"}
+_STATE_STYLE = {
+    "receiving": "yellow",
+    "complete": "green",
+    "routed": "green",
+    "not-routed": "dim",
+    "queued": "yellow",
+    "running": "cyan",
+    "done": "green",
+    "failed": "bold red",
+    "skipped": "magenta",
+}
 
 
 def _state(state: str) -> str:
@@ -135,6 +147,13 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     table.add_row(
         "oldest waiting",
         f"{oldest['SeriesInstanceUID']} (receiving for {oldest['waiting_seconds']} s)" if oldest else "none",
+    )
+    jobs = report["jobs"]
+    waiting = f", oldest queued {jobs['oldest_queued_seconds']} s" if jobs["oldest_queued_seconds"] is not None else ""
+    table.add_row(
+        "jobs",
+        ", ".join(f"{_state(state)} {count}" for state, count in jobs.items() if state != "oldest_queued_seconds")
+        + waiting,
     )
     failures = report["failures_last_24h"]
     table.add_row("failures (24 h)", f"[red]{failures}[/] (see: dicom-ai-node events)" if failures else "0")
@@ -268,6 +287,111 @@ def echo(
     if code != 0x0000:
         raise NodeError(f"{peer} ({where}) answered C-ECHO with status {code}")
     console.print(f"{peer} ({where}): [green]C-ECHO OK[/] in {1000 * (time.monotonic() - started):.0f} ms")
+
+
+@app.command()
+@_plain_errors
+def jobs(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="queued, running, done, failed or skipped.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Model jobs: one per (series, model), newest first, with stage timings."""
+    rows = queries.list_jobs(_engine(load_config(config)), state, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no jobs" + (f" in state {state}" if state else ""))
+        return
+    table = Table("ID", "State", "Model", "Mod", "Load s", "Infer s", "Write s", "Series Instance UID / error")
+    for row in rows:
+        detail = row["SeriesInstanceUID"] + (f"\n[red]{row['error']}[/]" if row["error"] else "")
+        table.add_row(
+            str(row["id"]),
+            _state(row["state"]),
+            row["model"],
+            row["Modality"] or "",
+            _seconds(row["load_seconds"]),
+            _seconds(row["inference_seconds"]),
+            _seconds(row["write_seconds"]),
+            detail,
+        )
+    console.print(table)
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else ""
+
+
+@job_app.command("show")
+@_plain_errors
+def job_show(
+    job_id: Annotated[int, typer.Argument(help="Job ID (see: dicom-ai-node jobs).")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Stages, timings, error and result objects of one job."""
+    detail = queries.job_detail(_engine(load_config(config)), job_id)
+    if detail is None:
+        raise NodeError(f"no job {job_id} (see: dicom-ai-node jobs)")
+    if as_json:
+        _print_json(detail)
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("state", "model", "model_version", "device", "route", "StudyInstanceUID", "SeriesInstanceUID",
+                "attempts", "created_at", "started_at", "finished_at"):
+        value = detail[key]
+        table.add_row(key, _state(value) if key == "state" else str(value if value is not None else ""))
+    for stage in ("load", "inference", "write"):
+        table.add_row(f"{stage} (s)", _seconds(detail[f"{stage}_seconds"]))
+    if detail["error"]:
+        table.add_row("error", f"[red]{detail['error']}[/]")
+    console.print(table)
+    for result in detail["results"]:
+        console.print(f"  {result['kind']:3s} {result['SOPInstanceUID']}  {result['file_path']}")
+
+
+@app.command()
+@_plain_errors
+def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Configured models, their kind and device, and the routes that use them."""
+    from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+
+    settings = load_config(config)
+    rows = []
+    for name, model in settings.models.items():
+        try:
+            device = str(resolve_device(model.device))
+        except ModelUnavailable as exc:
+            device = f"unavailable: {exc}"
+        rows.append(
+            {
+                "name": name,
+                "kind": model.kind,
+                "path": str(model.path) if model.path else None,
+                "device": device,
+                "routes": [route.name for route in settings.routes if name in route.models],
+            }
+        )
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("Model", "Kind", "Device", "Routes", "Path")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["device"], ", ".join(row["routes"]), row["path"] or "(built in)")
+    console.print(table)
+
+
+@app.command()
+@_plain_errors
+def worker(config: ConfigOption = None) -> None:
+    """Run one job worker alone (e.g. on a GPU host sharing the PostgreSQL database and storage)."""
+    from dicom_ai_node.inference.worker import worker_main
+
+    load_config(config)  # report a bad config here, in plain words
+    worker_main(config)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -96,6 +96,68 @@ class Peer(_Section):
     port: int = Field(ge=1, le=65535)
 
 
+class ModelConfig(_Section):
+    """A model by name; `kind` says how it is loaded."""
+
+    kind: Literal["builtin", "monai_bundle", "torchscript"]
+    path: Path | None = None  # bundle directory or TorchScript file
+    device: str = "auto"  # auto = cuda when present, else cpu
+    mixed_precision: bool = False
+    labels: dict[str, str] = {}  # label name -> "SCT:code:meaning" (bundles with no channel names)
+    # BINARY SEG (segments may overlap) or LABELMAP (one label per voxel; overlap is an error).
+    seg_type: Literal["binary", "labelmap"] = "binary"
+    # monai_bundle: array orientation the network expects, replacing the bundle's Orientationd
+    # (older Zoo bundles were trained on LPS arrays); None keeps the bundle's own. torchscript: None means RAS.
+    orientation: Literal["RAS", "LPS"] | None = None
+    # torchscript only: the preprocessing a TorchScript file does not carry.
+    target_spacing: tuple[float, float, float] | None = None  # mm along the RAS-oriented axes; None = native grid
+    intensity_window: tuple[float, float] | None = None  # clipped and scaled to [0, 1]; None = raw values
+    roi_size: tuple[int, int, int] = (96, 96, 96)  # sliding-window patch
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _path(self) -> ModelConfig:
+        if self.kind != "builtin" and self.path is None:
+            raise ValueError(f"path is required for kind = {self.kind!r}")
+        return self
+
+
+class RouteConfig(_Section):
+    """Which series go to which models; routes are tried in order, the first match wins."""
+
+    name: str
+    modality: str
+    body_part_examined: str | None = None
+    series_description: str | None = None  # regular expression, searched case-insensitively
+    image_type_contains: str | None = None
+    sop_class_uids: list[str] = []
+    min_slices: int = Field(1, ge=1)
+    models: list[str] = Field(min_length=1)
+    destinations: list[str] = []
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class WorkersSection(_Section):
+    # Jobs run in worker processes apart from the SCP, so receiving never waits for inference.
+    processes: int = Field(1, ge=0, le=64)
+    poll_seconds: float = Field(0.5, gt=0, le=60)
+
+
 class LoggingSection(_Section):
     level: str = "INFO"
     file: Path | None = None
@@ -116,14 +178,23 @@ class Config(_Section):
     database: DatabaseSection = DatabaseSection()
     series: SeriesSection = SeriesSection()
     peers: dict[str, Peer] = {}
+    models: dict[str, ModelConfig] = {"ct-tissue": ModelConfig(kind="builtin")}
+    routes: list[RouteConfig] = [RouteConfig(name="ct", modality="CT", min_slices=3, models=["ct-tissue"])]
+    workers: WorkersSection = WorkersSection()
     logging: LoggingSection = LoggingSection()
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _names(self) -> Config:
-        for name in self.peers:
-            if not re.match(r"^[A-Za-z0-9_-]+$", name):
-                raise ValueError(f"peers.{name}: peer names use letters, digits, '-' and '_'")
+        for table, names in (("peers", self.peers), ("models", self.models)):
+            for name in names:
+                if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                    raise ValueError(f"{table}.{name}: names use letters, digits, '-' and '_'")
+        for index, route in enumerate(self.routes):
+            for model in route.models:
+                if model not in self.models:
+                    known = ", ".join(sorted(self.models)) or "none"
+                    raise ValueError(f"routes.{index}.models: no model named {model!r} in [models] (known: {known})")
         return self
 
 
@@ -157,8 +228,8 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        lines.append(f"  {key}: {message}")
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {message}" if key else f"  {message}")
     return "\n".join(lines)
 
 
@@ -168,9 +239,15 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         url = "sqlite:///" + str(_absolute(Path(url.removeprefix("sqlite:///")), base))
     database = config.database.model_copy(update={"url": url})
+    models = {
+        name: model.model_copy(update={"path": model.path and _absolute(model.path, base)})
+        for name, model in config.models.items()
+    }
     log_file = config.logging.file and _absolute(config.logging.file, base)
     logging = config.logging.model_copy(update={"file": log_file})
-    return config.model_copy(update={"storage": storage, "database": database, "logging": logging})
+    return config.model_copy(
+        update={"storage": storage, "database": database, "logging": logging, "models": models}
+    )
 
 
 def _absolute(path: Path, base: Path) -> Path:

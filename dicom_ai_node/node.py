@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
 
 from dicom_ai_node.config import Config
 from dicom_ai_node.ingest.scp import StorageSCP
-from dicom_ai_node.series.completion import CompletionMonitor
+from dicom_ai_node.routing.router import route_complete_series
+from dicom_ai_node.series.completion import complete_stable_series
 from dicom_ai_node.store.db import make_engine, require_current_schema
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
+from dicom_ai_node.store.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +26,53 @@ class Node:
         require_current_schema(self.engine)
         self.index = Index(self.engine)
         self.store = InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
+        self.queue = JobQueue(self.engine, config.storage.path)
         self.scp = StorageSCP(config, self.index, self.store)
-        self.completion = CompletionMonitor(
-            self.index, config.series.stable_seconds, config.series.check_interval_seconds
-        )
+        self._stop = threading.Event()
+        self._stages = threading.Thread(target=self._advance_forever, name="series-stages", daemon=True)
+        self._workers: list[multiprocessing.process.BaseProcess] = []
+
+    def advance(self) -> None:
+        """One pass of the stages that follow receiving: completion, then routing."""
+        complete_stable_series(self.index, self.config.series.stable_seconds)
+        route_complete_series(self.queue, self.config.routes)
+
+    def _advance_forever(self) -> None:
+        interval = self.config.series.check_interval_seconds
+        while not self._stop.wait(interval):
+            try:
+                self.advance()
+            except Exception:  # a database hiccup must not stop the pipeline for good
+                log.exception("series stages failed; retrying in %.1f s", interval)
 
     def start(self) -> None:
-        self.completion.check_once()  # series left waiting by a previous run
-        self.completion.start()
+        requeued = self.queue.requeue_interrupted()
+        if requeued:
+            log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)
+        self.advance()  # series left waiting by a previous run
+        self._stages.start()
+        if self.config.workers.processes:
+            self._start_workers()
         self.scp.start()
+
+    def _start_workers(self) -> None:
+        from dicom_ai_node.inference.worker import worker_main  # torch & co. load in the workers, not here
+
+        context = multiprocessing.get_context("spawn")
+        for number in range(self.config.workers.processes):
+            process = context.Process(target=worker_main, args=(self.config.source,), name=f"worker-{number}")
+            process.start()
+            self._workers.append(process)
 
     def stop(self) -> None:
         log.info("stopping: no new associations")
         self.scp.stop()
-        self.completion.stop()
+        self._stop.set()
+        self._stages.join(timeout=10)
+        for process in self._workers:
+            process.terminate()
+        for process in self._workers:
+            process.join(timeout=30)
         self.engine.dispose()
         log.info("stopped")
 
@@ -49,11 +85,12 @@ def serve(config: Config) -> None:
         signal.signal(signum, lambda *_: stop.set())
     node.start()
     log.info(
-        "dicom-ai-node ready: AE %s on port %d, storage %s, database %s",
+        "dicom-ai-node ready: AE %s on port %d, storage %s, database %s, %d worker process(es)",
         config.node.ae_title,
         config.dimse.port,
         config.storage.path,
         node.engine.url.render_as_string(hide_password=True),
+        config.workers.processes,
     )
     stop.wait()
     node.stop()

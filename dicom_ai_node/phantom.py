@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 # Hounsfield units of the phantom's materials.
 HU_AIR = -1000
@@ -27,6 +29,16 @@ HU_BONE = 700
 RESCALE_INTERCEPT = -1024
 
 _IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1447.1"  # dicom-ai-node test data
+
+# Axial orientation of a feet-first scan: the image's rows run towards the patient's right.
+FEET_FIRST_AXIAL = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def oblique_orientation(degrees_about_y: float) -> tuple[float, ...]:
+    """ImageOrientationPatient of axial planes rotated about the patient's y axis, rounded to fit a DS."""
+    angle = math.radians(degrees_about_y)
+    row = (math.cos(angle), 0.0, -math.sin(angle))
+    return tuple(round(v, 10) for v in (*row, 0.0, 1.0, 0.0))
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,13 @@ class CTPhantom:
     series_number: int = 1
     noise_hu: float = 0.0
     seed: int = 0
+    lung_z_centre: float = 0.0  # move the lungs off the stack centre so head and feet differ
+    gantry_tilt_deg: float = 0.0  # slices step along z and y while the orientation stays as given
+
+    @classmethod
+    def feet_first(cls, **kwargs) -> CTPhantom:
+        """A feet-first supine scan: FFS, rows towards the patient's right, slice 1 nearest the head."""
+        return cls(patient_position="FFS", orientation=FEET_FIRST_AXIAL, **kwargs)
 
     @property
     def normal(self) -> np.ndarray:
@@ -104,7 +123,13 @@ class CTPhantom:
         half_w = (self.columns - 1) / 2 * self.pixel_spacing[1]
         half_h = (self.rows - 1) / 2 * self.pixel_spacing[0]
         offset = (index - (self.slices - 1) / 2) * self.slice_spacing
-        return -half_w * row - half_h * col + offset * self.normal
+        tilt_shift = offset * math.tan(math.radians(self.gantry_tilt_deg)) * col
+        return -half_w * row - half_h * col + offset * self.normal + tilt_shift
+
+    def hu_at(self, points_lps: np.ndarray) -> np.ndarray:
+        """Noise-free HU at patient points of shape (..., 3): the ground truth a loaded volume must match."""
+        points = np.asarray(points_lps, dtype=np.float64)
+        return self.geometry.label_at(points[..., 0], points[..., 1], points[..., 2], z_centre=self.lung_z_centre)
 
     def slice_hu(self, index: int) -> np.ndarray:
         row = np.array(self.orientation[:3])
@@ -113,20 +138,24 @@ class CTPhantom:
         c = np.arange(self.columns) * self.pixel_spacing[1]
         r = np.arange(self.rows) * self.pixel_spacing[0]
         pts = origin[None, None, :] + c[None, :, None] * row + r[:, None, None] * col
-        hu = self.geometry.label_at(pts[..., 0], pts[..., 1], pts[..., 2], z_centre=0.0)
+        hu = self.hu_at(pts)
         if self.noise_hu:
             rng = np.random.default_rng(self.seed + index)
             hu = hu + rng.normal(0, self.noise_hu, hu.shape).round().astype(np.int16)
         return hu
 
+    def stored_values(self, index: int) -> np.ndarray:
+        """Slice `index` as stored pixel values (12 bits in 16, intercept -1024)."""
+        return (self.slice_hu(index).astype(np.int32) - RESCALE_INTERCEPT).clip(0, 4095).astype(np.uint16)
+
     def dataset(self, index: int) -> Dataset:
-        stored = (self.slice_hu(index).astype(np.int32) - RESCALE_INTERCEPT).clip(0, 4095)
+        stored = self.stored_values(index)
         sop_uid = generate_uid()
         ds = _base_dataset(self, sop_uid)
         ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [round(float(v), 4) for v in self.slice_origin(index)]
+        ds.ImagePositionPatient = _position_ds(self.slice_origin(index))
         ds.SliceLocation = round(float(np.dot(self.slice_origin(index), self.normal)), 4)
-        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.PixelData = stored.tobytes()
         return ds
 
     def datasets(self):
@@ -143,19 +172,118 @@ class CTPhantom:
             paths.append(path)
         return paths
 
+    def enhanced_dataset(self, frame_order: Sequence[int] | None = None) -> Dataset:
+        """The series as one Enhanced CT Image Storage instance; frame n holds slice frame_order[n].
 
-def _base_dataset(phantom: CTPhantom, sop_uid: str) -> Dataset:
+        The default order is slice order; a shuffled order checks that readers sort frames by position.
+        """
+        order = list(range(self.slices)) if frame_order is None else list(frame_order)
+        sop_uid = generate_uid()
+        ds = _common_dataset(self, EnhancedCTImageStorage, sop_uid)
+        ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "NONE"]  # synthesised, not acquired
+        ds.InstanceNumber = 1
+        ds.ContentQualification = "RESEARCH"
+        ds.BurnedInAnnotation = "NO"
+        ds.LossyImageCompression = "00"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.PixelPresentation = "MONOCHROME"
+        ds.VolumetricProperties = "VOLUME"
+        ds.VolumeBasedCalculationTechnique = "NONE"
+        ds.AcquisitionContextSequence = DicomSequence()
+        ds.ManufacturerModelName = "Phantom"
+        ds.DeviceSerialNumber = "0"
+        ds.SoftwareVersions = "1"
+        ds.NumberOfFrames = len(order)
+        _set_pixel_module(ds, self)
+
+        dimension_uid = generate_uid(entropy_srcs=[sop_uid, "dimensions"])
+        ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimension_uid)]
+        ds.DimensionOrganizationType = "3D"
+        ds.DimensionIndexSequence = [
+            _item(
+                DimensionOrganizationUID=dimension_uid,
+                DimensionIndexPointer=keyword,
+                FunctionalGroupPointer="FrameContentSequence",
+                DimensionDescriptionLabel=label,
+            )
+            for keyword, label in (("StackID", "Stack"), ("InStackPositionNumber", "Position in stack"))
+        ]
+
+        shared = _item(
+            PixelMeasuresSequence=[_item(PixelSpacing=list(self.pixel_spacing), SliceThickness=self.slice_spacing)],
+            PlaneOrientationSequence=[_item(ImageOrientationPatient=_orientation_ds(self.orientation))],
+            PixelValueTransformationSequence=[
+                _item(RescaleIntercept=RESCALE_INTERCEPT, RescaleSlope=1, RescaleType="HU")
+            ],
+            FrameVOILUTSequence=[_item(WindowCenter=40, WindowWidth=400)],
+            FrameAnatomySequence=[
+                _item(
+                    AnatomicRegionSequence=[
+                        _item(CodeValue="51185008", CodingSchemeDesignator="SCT", CodeMeaning="Chest")
+                    ],
+                    FrameLaterality="U",
+                )
+            ],
+            IrradiationEventIdentificationSequence=[
+                _item(IrradiationEventUID=generate_uid(entropy_srcs=[self.series_uid, "irradiation"]))
+            ],
+            CTImageFrameTypeSequence=[
+                _item(
+                    FrameType=list(ds.ImageType),
+                    PixelPresentation="MONOCHROME",
+                    VolumetricProperties="VOLUME",
+                    VolumeBasedCalculationTechnique="NONE",
+                )
+            ],
+        )
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.PerFrameFunctionalGroupsSequence = [
+            _item(
+                FrameContentSequence=[
+                    _item(StackID="1", InStackPositionNumber=index + 1, DimensionIndexValues=[1, index + 1])
+                ],
+                PlanePositionSequence=[_item(ImagePositionPatient=_position_ds(self.slice_origin(index)))],
+            )
+            for index in order
+        ]
+        ds.PixelData = np.stack([self.stored_values(index) for index in order]).tobytes()
+        return ds
+
+    def write_multiframe(self, path: Path, frame_order: Sequence[int] | None = None) -> Path:
+        """Write `enhanced_dataset(frame_order)` as a Part 10 file; returns the path."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.enhanced_dataset(frame_order).save_as(path, enforce_file_format=True)
+        return path
+
+
+def _item(**attributes) -> Dataset:
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _position_ds(position: np.ndarray) -> list[float]:
+    return [round(float(v), 4) for v in position]
+
+
+def _orientation_ds(orientation: Sequence[float]) -> list[float]:
+    """Direction cosines rounded so that each fits the 16 characters of a DS."""
+    return [round(float(v), 10) for v in orientation]
+
+
+def _common_dataset(phantom: CTPhantom, sop_class_uid: str, sop_uid: str) -> Dataset:
+    """Patient, study, series, equipment and frame of reference: what single- and multi-frame share."""
     now = _dt.datetime(2026, 1, 15, 10, 30, 0)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = _IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = now.strftime("%Y%m%d")
     ds.SeriesDate = ds.StudyDate
@@ -174,26 +302,38 @@ def _base_dataset(phantom: CTPhantom, sop_uid: str) -> Dataset:
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = phantom.slice_spacing
-    ds.KVP = 120
     ds.PatientPosition = phantom.patient_position
     ds.StudyInstanceUID = phantom.study_uid
     ds.SeriesInstanceUID = phantom.series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = phantom.series_number
     ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = list(phantom.orientation)
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[phantom.series_uid, "FoR"])
     ds.PositionReferenceIndicator = ""
+    return ds
+
+
+def _set_pixel_module(ds: Dataset, phantom: CTPhantom) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = phantom.rows
     ds.Columns = phantom.columns
-    ds.PixelSpacing = list(phantom.pixel_spacing)
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
+
+
+def _base_dataset(phantom: CTPhantom, sop_uid: str) -> Dataset:
+    ds = _common_dataset(phantom, CTImageStorage, sop_uid)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = phantom.slice_spacing
+    ds.KVP = 120
+    if phantom.gantry_tilt_deg:
+        ds.GantryDetectorTilt = phantom.gantry_tilt_deg
+    ds.ImageOrientationPatient = _orientation_ds(phantom.orientation)
+    _set_pixel_module(ds, phantom)
+    ds.PixelSpacing = list(phantom.pixel_spacing)
     ds.RescaleIntercept = RESCALE_INTERCEPT
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"

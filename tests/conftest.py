@@ -71,16 +71,20 @@ class NodeProcess:
         return self.workdir / "storage"
 
     def write_config(self) -> None:
-        sections: dict[str, dict[str, Any]] = {
+        sections: dict[str, Any] = {
             "node": {"ae_title": "AI_NODE"},
             "dimse": {"bind": "127.0.0.1", "port": self.port},
             "storage": {"path": str(self.storage), "min_free_mb": 1},
             "database": {"url": self.database_url},
             "series": {"stable_seconds": 2, "check_interval_seconds": 0.2},
+            "workers": {"processes": 0},  # tests that run models ask for a worker
             "logging": {"level": "INFO"},
         }
         for key, value in self.settings.items():
-            sections.setdefault(key, {}).update(value)
+            if isinstance(value, dict):
+                sections.setdefault(key, {}).update(value)
+            else:  # a top-level array such as routes
+                sections[key] = value
         self.config_path.write_text(_toml(sections))
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -112,7 +116,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"node exited with {self.process.returncode}:\n{self.log()}")
-            if self.log().count("dicom-ai-node ready") > self.starts:
+            if self.log().count("dicom_ai_node.node: dicom-ai-node ready") > self.starts:
                 self.starts += 1
                 return
             time.sleep(0.1)
@@ -138,9 +142,11 @@ class NodeProcess:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.log()[-4000:]}")
 
 
-def _toml(sections: dict[str, dict[str, Any]]) -> str:
-    lines = []
+def _toml(sections: dict[str, Any]) -> str:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in sections.items() if not isinstance(value, dict)]
     for name, values in sections.items():
+        if not isinstance(values, dict):
+            continue
         lines.append(f"[{name}]")
         for key, value in values.items():
             lines.append(f"{key} = {_toml_value(value)}")

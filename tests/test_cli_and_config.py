@@ -11,6 +11,7 @@ import pytest
 from conftest import free_port, storescu
 
 from dicom_ai_node.config import ConfigError, load_config
+from dicom_ai_node.store.db import head_revision
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,11 @@ def test_shipped_config_is_the_embedded_default():
         ("[series]\nstable_seconds = -1\n", "series.stable_seconds"),
         ('[database]\nurl = "mysql://x"\n', "database.url"),
         ("[dimse\n", "not valid TOML"),
+        ('[[routes]]\nname = "x"\nmodality = "CT"\nmodels = ["nope"]\n', "routes.0.models: no model named 'nope'"),
+        ('[models.m]\nkind = "torchscript"\n', "models.m: path is required for kind = 'torchscript'"),
+        ('[models.m]\nkind = "builtin"\ndevice = "gpu"\n', "models.m.device: must be auto, cpu, cuda or cuda:N"),
+        ('[[routes]]\nname = "x"\nmodality = "CT"\nseries_description = "("\nmodels = ["ct-tissue"]\n',
+         "routes.0.series_description: not a valid regular expression"),
     ],
 )
 def test_bad_config_stops_start_up_naming_the_key(tmp_path, text, named):
@@ -71,7 +77,7 @@ def test_serve_refuses_an_unmigrated_database(tmp_path, database_url):
     assert result.returncode == 2
     assert "run: dicom-ai-node db upgrade" in result.stderr and "Traceback" not in result.stderr
     upgraded = _cli("db", "upgrade", config=path)
-    assert upgraded.returncode == 0 and "upgraded: empty -> 0001" in upgraded.stdout
+    assert upgraded.returncode == 0 and f"upgraded: empty -> {head_revision()}" in upgraded.stdout
     again = _cli("db", "upgrade", config=path)
     assert "up to date" in again.stdout
 

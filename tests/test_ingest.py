@@ -12,13 +12,16 @@ from pathlib import Path
 import pydicom
 import pynetdicom
 import pytest
-from pydicom.filereader import read_preamble
 from pynetdicom import AE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
 
 from conftest import storescu
 
 from dicom_ai_node.phantom import CTPhantom
+
+
+DONE_RECEIVING = ("complete", "routed", "not-routed")  # completion hands the series on to routing
 
 
 def _study(node, study_uid: str) -> dict | None:
@@ -31,10 +34,8 @@ def _series(node, study_uid: str) -> list[dict]:
 
 def _dataset_bytes(path: Path) -> bytes:
     """The dataset as encoded after the File Meta Information (what travels on the wire)."""
-    with path.open("rb") as handle:
-        read_preamble(handle, False)
-        pydicom.filereader._read_file_meta_info(handle)
-        return handle.read()
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
 
 
 def _stored_files(node) -> list[Path]:
@@ -62,14 +63,14 @@ def test_ct_200_slices_indexed_durably_and_completed(node, ct_200):
         assert _dataset_bytes(stored) == _dataset_bytes(source)
 
     completed = node.wait_for(
-        lambda: _study(node, phantom.study_uid)["state"] == "complete", timeout=30, what="series completion"
+        lambda: _study(node, phantom.study_uid)["state"] in DONE_RECEIVING, timeout=30, what="series completion"
     )
     assert completed
     (series,) = _series(node, phantom.study_uid)
     assert series["NumberOfSeriesRelatedInstances"] == 200 and series["completed_at"]
     events = node.json("events", "--study", phantom.study_uid)
-    assert [e["kind"] for e in events] == ["receiving", "complete"]
-    assert "200 instance(s)" in events[-1]["message"]
+    assert [e["kind"] for e in events] == ["receiving", "complete", "routed"]
+    assert "200 instance(s)" in events[1]["message"]
 
 
 def test_duplicate_resend_is_idempotent(node, small_ct):
@@ -111,10 +112,7 @@ def test_rejected_calling_and_called_ae_titles(node_factory, small_ct):
 
 def _raw_dataset_file(tmp_path: Path, name: str, source: Path, dataset_bytes: bytes) -> Path:
     """A Part 10 file with `source`'s valid File Meta and `dataset_bytes` as its dataset."""
-    with source.open("rb") as handle:
-        read_preamble(handle, False)
-        pydicom.filereader._read_file_meta_info(handle)
-        meta_end = handle.tell()
+    _, meta_end = split_dataset(source)
     path = tmp_path / name
     path.write_bytes(source.read_bytes()[:meta_end] + dataset_bytes)
     return path
@@ -178,7 +176,7 @@ def test_restart_while_receiving_loses_nothing(node_factory, tmp_path):
     assert _study(node, phantom.study_uid)["state"] == "receiving"
     assert storescu(node.port, *paths[5:]).returncode == 0
 
-    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] == "complete", what="completion after restart")
+    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] in DONE_RECEIVING, what="completion after restart")
     (series,) = _series(node, phantom.study_uid)
     assert series["NumberOfSeriesRelatedInstances"] == 10
     assert series["late_instances"] == 0 and not series["reprocess_requested"]
@@ -189,25 +187,26 @@ def test_restart_while_receiving_loses_nothing(node_factory, tmp_path):
     assert storescu(node.port, *other.write(tmp_path / "other")).returncode == 0
     node.stop(signal.SIGKILL)
     node.start()
-    node.wait_for(lambda: _study(node, other.study_uid)["state"] == "complete", what="completion of a killed series")
+    node.wait_for(lambda: _study(node, other.study_uid)["state"] in DONE_RECEIVING, what="completion of a killed series")
     kinds = [e["kind"] for e in node.json("events", "--study", phantom.study_uid)]
-    assert kinds == ["receiving", "complete"]
+    assert kinds == ["receiving", "complete", "routed"]
 
 
 def test_late_instance_reopens_series_for_reprocessing(node, small_ct):
     phantom, paths = small_ct
     assert storescu(node.port, *paths[:-1]).returncode == 0
-    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] == "complete", what="first completion")
+    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] in DONE_RECEIVING, what="first completion")
 
     assert storescu(node.port, paths[-1]).returncode == 0
     (series,) = _series(node, phantom.study_uid)
     assert series["state"] == "receiving"
     assert series["reprocess_requested"] is True and series["late_instances"] == 1
-    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] == "complete", what="second completion")
+    node.wait_for(lambda: _study(node, phantom.study_uid)["state"] in DONE_RECEIVING, what="second completion")
     events = node.json("events", "--study", phantom.study_uid)
-    assert [e["kind"] for e in events] == ["receiving", "complete", "late-instance", "complete"]
-    assert "re-processing requested" in events[-1]["message"]
-    assert f"{len(paths)} instance(s)" in events[-1]["message"]
+    kinds = [e["kind"] for e in events]
+    assert kinds == ["receiving", "complete", "routed", "late-instance", "complete", "routed"]
+    assert "re-processing requested" in events[4]["message"]
+    assert f"{len(paths)} instance(s)" in events[4]["message"]
 
 
 def test_out_of_resources_when_disk_below_threshold(node_factory, small_ct):

@@ -17,6 +17,7 @@ from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -130,26 +131,40 @@ def _check_native_pixel_length(ds: Dataset) -> None:
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+    """The element's text, stripped; None when absent or empty.
+
+    Runs ~20 times per received instance, so plain-ASCII values (the common case)
+    are decoded from the raw bytes directly; anything else goes through pydicom,
+    which applies the Specific Character Set.
+    """
+    raw = ds.get_item(keyword)
+    if raw is None:
         return None
-    return str(value).strip() or None
+    value = raw.value
+    if isinstance(value, bytes) and value.isascii():
+        text = value.decode("ascii").strip(" \x00")
+    else:
+        converted = ds[keyword].value
+        if converted is None:
+            return None
+        values = converted if isinstance(converted, MultiValue) else [converted]
+        text = "\\".join(str(v).strip() for v in values)
+    return text or None
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+    """IS values parse from text; US (Rows, Columns) through pydicom, which knows the byte order."""
+    raw = ds.get_item(keyword)
+    if raw is None:
+        return None
     try:
+        value = ds[keyword].value if keyword in _BINARY_INTEGERS else _text(ds, keyword)
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
 
 
-def _multi_valued(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    values = [value] if isinstance(value, str) else list(value)
-    return "\\".join(str(v).strip() for v in values)
+_BINARY_INTEGERS = {"Rows", "Columns"}
 
 
 def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> InstanceHeader:
@@ -185,7 +200,7 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         series_description=_text(ds, "SeriesDescription"),
         series_number=_integer(ds, "SeriesNumber"),
         instance_number=_integer(ds, "InstanceNumber"),
-        image_type=_multi_valued(ds, "ImageType"),
+        image_type=_text(ds, "ImageType"),
         rows=_integer(ds, "Rows"),
         columns=_integer(ds, "Columns"),
         number_of_frames=_integer(ds, "NumberOfFrames"),

@@ -79,7 +79,7 @@ class CompletedSeries:
     reprocess: bool
 
 
-def _insert_event(connection: Connection, kind: str, message: str, level: str = "info", **uids: str | None) -> None:
+def insert_event(connection: Connection, kind: str, message: str, level: str = "info", **uids: str | None) -> None:
     connection.execute(_events.insert().values(at=utcnow(), level=level, kind=kind, message=message, **uids))
 
 
@@ -243,7 +243,7 @@ class Index:
         calling_ae_title: str | None = None,
     ) -> None:
         with self._write() as connection:
-            _insert_event(
+            insert_event(
                 connection,
                 kind,
                 message,
@@ -258,7 +258,7 @@ class Index:
     def _event(
         connection: Connection, kind: str, message: str, header: InstanceHeader, sender: Sender, level: str = "info"
     ) -> None:
-        _insert_event(
+        insert_event(
             connection,
             kind,
             message,
@@ -312,7 +312,7 @@ class Index:
                 if not changed:  # an instance arrived meanwhile
                     continue
                 note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
-                _insert_event(
+                insert_event(
                     connection,
                     "complete",
                     f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -35,7 +35,16 @@ class SeriesState(str, enum.Enum):
 
     RECEIVING = "receiving"  # instances arriving; waits `stable_seconds` after the last one
     COMPLETE = "complete"  # no new instance for `stable_seconds`; ready for routing
+    ROUTED = "routed"  # jobs queued for its models (see the jobs table for their progress)
     NOT_ROUTED = "not-routed"  # complete, but no rule sends it to a model (reason recorded)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # error recorded; `retry` re-queues it
+    SKIPPED = "skipped"  # the series cannot be processed by this model (reason recorded)
 
 
 class Study(Base):
@@ -121,3 +130,47 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
+
+
+class Job(Base):
+    """One model run on one series: (series, model), with timings for each stage."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    route: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(32))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    load_seconds: Mapped[float | None] = mapped_column(Float)
+    inference_seconds: Mapped[float | None] = mapped_column(Float)
+    write_seconds: Mapped[float | None] = mapped_column(Float)
+
+    results: Mapped[list[ResultObject]] = relationship(back_populates="job")
+
+
+class ResultObject(Base):
+    """A DICOM object the node produced (SEG, SR), stored like a received instance."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # SEG | SR
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    file_path: Mapped[str] = mapped_column(String(512))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="results")

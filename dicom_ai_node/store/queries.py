@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from dicom_ai_node.store.models import Event, Instance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import Event, Instance, Job, JobState, ResultObject, Series, SeriesState, Study, utcnow
 
 # The least advanced series decides the state shown for a whole study.
 _STATE_ORDER = [state.value for state in SeriesState]
@@ -160,4 +160,77 @@ def node_status(engine: Engine) -> dict[str, Any]:
             else None
         ),
         "failures_last_24h": failures,
+        "jobs": job_counts(engine),
     }
+
+
+def _job_row(row) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "model": row.model,
+        "route": row.route,
+        "StudyInstanceUID": row.study_instance_uid,
+        "SeriesInstanceUID": row.series_instance_uid,
+        "Modality": row.modality,
+        "attempts": row.attempts,
+        "device": row.device,
+        "model_version": row.model_version,
+        "error": row.error,
+        "created_at": _iso(row.created_at),
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "load_seconds": row.load_seconds,
+        "inference_seconds": row.inference_seconds,
+        "write_seconds": row.write_seconds,
+    }
+
+
+def _jobs_query():
+    return (
+        select(Job.__table__, Series.series_instance_uid, Series.modality, Study.study_instance_uid)
+        .join(Series, Series.id == Job.series_id)
+        .join(Study, Study.id == Series.study_id)
+    )
+
+
+def list_jobs(engine: Engine, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    query = _jobs_query().order_by(Job.id.desc()).limit(limit)
+    if state:
+        query = query.where(Job.state == state)
+    with engine.connect() as connection:
+        return [_job_row(row) for row in connection.execute(query).all()]
+
+
+def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        row = connection.execute(_jobs_query().where(Job.id == job_id)).first()
+        if row is None:
+            return None
+        results = connection.execute(
+            select(ResultObject.__table__).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+        ).all()
+    detail = _job_row(row)
+    detail["results"] = [
+        {
+            "kind": r.kind,
+            "SOPClassUID": r.sop_class_uid,
+            "SOPInstanceUID": r.sop_instance_uid,
+            "SeriesInstanceUID": r.series_instance_uid,
+            "file_path": r.file_path,
+            "file_size": r.file_size,
+        }
+        for r in results
+    ]
+    return detail
+
+
+def job_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        counts = dict(connection.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        oldest = connection.execute(
+            select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED.value)
+        ).scalar()
+    report = {state.value: counts.get(state.value, 0) for state in JobState}
+    report["oldest_queued_seconds"] = round((utcnow() - oldest).total_seconds()) if oldest else None
+    return report

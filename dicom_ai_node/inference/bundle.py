@@ -1,0 +1,244 @@
+"""MONAI Model Zoo bundles, run on the node's in-memory volume.
+
+A Zoo bundle's inference config is written for files on disk: LoadImaged first, SaveImaged last,
+with the network, inferer and checkpoint as separate entries. The node already holds the volume
+in memory and must hand back masks in memory on exactly the source grid, so it uses the bundle's
+own preprocessing, network, inferer and postprocessing and removes only the file I/O: the volume
+goes in as the MetaTensor LoadImaged + EnsureChannelFirstd would have made, Invertd (if the bundle
+has it) maps the prediction back through the recorded operations, and whatever is still off the
+source grid is resampled onto it with nearest neighbour. No temporary files are written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    EnsureChannelFirstd,
+    LoadImage,
+    LoadImaged,
+    Orientationd,
+    ResampleToMatch,
+    SaveImage,
+    SaveImaged,
+)
+
+from dicom_ai_node.config import ModelConfig
+from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
+from dicom_ai_node.inference.volume import Volume
+
+Axcodes = Literal["RAS", "LPS"]
+
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical structure")
+# Distinct, readable on grey images; segment n takes PALETTE[(n - 1) % len(PALETTE)].
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+)
+# The volume arrives as a channel-first MetaTensor, so reading files and adding a channel are skipped;
+# writing files is skipped because the prediction goes back in memory.
+_FILE_INPUT = (LoadImage, LoadImaged, EnsureChannelFirst, EnsureChannelFirstd)
+_FILE_OUTPUT = (SaveImage, SaveImaged)
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+# Affines that differ by less than this (mm) describe the same grid.
+_GRID_TOLERANCE_MM = 1e-3
+
+
+def parse_code(text: str, where: str) -> CodedConcept:
+    """A "SCHEME:code:meaning" string from the node config as a CodedConcept."""
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not all(part.strip() for part in parts):
+        raise ModelUnavailable(f"{where}: {text!r} is not SCHEME:code:meaning, e.g. SCT:39607008:Lung")
+    scheme, value, meaning = (part.strip() for part in parts)
+    return CodedConcept(value, scheme, meaning)
+
+
+def coded_segments(names: list[str], codes: dict[str, str], model: str) -> list[Segment]:
+    """One Segment per label name, in order; a SEG needs a code for each, so a missing one stops loading."""
+    segments = []
+    for number, label in enumerate(names, start=1):
+        if label not in codes:
+            raise ModelUnavailable(
+                f"{model}: label {label!r} has no code; add it to models.{model}.labels as SCHEME:code:meaning"
+            )
+        segments.append(
+            Segment(
+                number=number,
+                label=label,
+                category=ANATOMICAL_STRUCTURE,
+                type=parse_code(codes[label], f"models.{model}.labels.{label}"),
+                color_rgb=PALETTE[(number - 1) % len(PALETTE)],
+            )
+        )
+    return segments
+
+
+def to_source_grid(labelmap: MetaTensor, source: MetaTensor) -> MetaTensor:
+    """A (1, i, j, k) label map on exactly the grid of `source`, resampled (nearest) only if it is not already."""
+    same_shape = tuple(labelmap.shape[1:]) == tuple(source.shape[1:])
+    if same_shape and np.allclose(
+        np.asarray(labelmap.affine, dtype=np.float64),
+        np.asarray(source.affine, dtype=np.float64),
+        atol=_GRID_TOLERANCE_MM,
+    ):
+        return labelmap
+    return ResampleToMatch(mode="nearest", padding_mode="zeros")(labelmap, img_dst=source)
+
+
+def label_masks(labelmap: torch.Tensor, values: list[int]) -> np.ndarray:
+    """Bool masks (n, slices, rows, columns) of a (1, i, j, k) label map, one per label value."""
+    array = np.rint(labelmap[0].detach().cpu().numpy()).astype(np.int32).transpose(2, 1, 0)
+    return np.stack([array == value for value in values])
+
+
+def read_bundle_config(bundle: Path, device: torch.device) -> ConfigParser:
+    """The bundle's metadata and inference config (JSON or YAML), with bundle_root and device set for this node."""
+    configs = bundle / "configs"
+    metadata = configs / "metadata.json"
+    if not metadata.is_file():
+        raise ModelUnavailable(f"{bundle} is not a MONAI bundle: {metadata} is missing")
+    config = next((configs / name for name in _CONFIG_NAMES if (configs / name).is_file()), None)
+    if config is None:
+        raise ModelUnavailable(f"{bundle} has no configs/{' or configs/'.join(_CONFIG_NAMES)}")
+    parser = ConfigParser()
+    try:
+        parser.read_meta(metadata)
+        parser.read_config(config)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:  # yaml errors are ValueErrors too
+        raise ModelUnavailable(f"{config}: cannot be read: {exc}") from exc
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = f"$torch.device('{device}')"
+    return parser
+
+
+def in_memory_preprocessing(parser: ConfigParser, orientation: Axcodes | None = None) -> Compose:
+    """The bundle's `preprocessing` Compose, changed in place to take {"image": MetaTensor} instead of a file.
+
+    Changed in place, not copied, because the bundle's Invertd refers to this very Compose object and
+    matches the transforms it inverts by identity. `orientation` replaces the axcodes of every
+    Orientationd (or adds one first), for bundles trained on data in another orientation.
+    """
+    compose = parser.get_parsed_content("preprocessing")
+    if not isinstance(compose, Compose):
+        raise ModelUnavailable(f"preprocessing is a {type(compose).__name__}, not a Compose")
+    transforms = [t for t in compose.flatten().transforms if not isinstance(t, _FILE_INPUT)]
+    if orientation is not None:
+        if not any(isinstance(t, Orientationd) for t in transforms):
+            transforms.insert(0, Orientationd(keys="image", axcodes=orientation, labels=None))
+        transforms = [
+            Orientationd(keys=t.keys, axcodes=orientation, labels=None) if isinstance(t, Orientationd) else t
+            for t in transforms
+        ]
+    compose.transforms = tuple(transforms)
+    return compose
+
+
+def _in_memory_postprocessing(parser: ConfigParser) -> Compose | None:
+    """The bundle's `postprocessing` without its file writers, or None if the bundle has none."""
+    if "postprocessing" not in parser:
+        return None
+    compose = parser.get_parsed_content("postprocessing")
+    if not isinstance(compose, Compose):
+        raise ModelUnavailable(f"postprocessing is a {type(compose).__name__}, not a Compose")
+    compose.transforms = tuple(t for t in compose.flatten().transforms if not isinstance(t, _FILE_OUTPUT))
+    return compose
+
+
+def _channel_names(metadata: dict[str, Any], codes: dict[str, str]) -> tuple[list[int], list[str]]:
+    """Label values and names: the output's channel_def without channel 0 (background), else the config's labels."""
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    channel_def = next((output.get("channel_def") for output in outputs.values() if output.get("channel_def")), {})
+    if channel_def:
+        pairs = sorted((int(value), str(name)) for value, name in channel_def.items() if int(value) != 0)
+        return [value for value, _ in pairs], [name for _, name in pairs]
+    return list(range(1, len(codes) + 1)), list(codes)
+
+
+class MonaiBundleModel:
+    """A MONAI bundle directory in Model Zoo layout, loaded once and kept warm."""
+
+    def __init__(self, name: str, config: ModelConfig, orientation: Axcodes | None = None) -> None:
+        if config.path is None:
+            raise ModelUnavailable(f"{name}: a monai_bundle needs a path")
+        self.name = name
+        self.path = Path(config.path)
+        self.device = resolve_device(config.device)
+        self.amp = config.mixed_precision and self.device.type == "cuda"
+        parser = read_bundle_config(self.path, self.device)
+        metadata = parser.get("_meta_", {})
+        self.version = str(metadata.get("version", "unknown"))
+        self.values, names = _channel_names(metadata, config.labels)
+        if not names:
+            raise ModelUnavailable(f"{name}: bundle {self.path} names no output channels; set models.{name}.labels")
+        self.segments = coded_segments(names, config.labels, name)
+        try:
+            self.preprocessing = in_memory_preprocessing(parser, orientation)
+            self.postprocessing = _in_memory_postprocessing(parser)
+            self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
+            self.network = self._load_network(parser)
+        except ModelUnavailable as exc:
+            raise ModelUnavailable(f"{name}: bundle {self.path}: {exc}") from exc
+        except Exception as exc:  # a bundle config can fail in any component's constructor
+            raise ModelUnavailable(f"{name}: bundle {self.path} cannot be loaded: {exc!r}") from exc
+
+    def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
+        """models/model.ts (TorchScript, self-contained) if present, else models/model.pt into network_def."""
+        scripted = self.path / "models" / "model.ts"
+        if scripted.is_file():
+            network = torch.jit.load(str(scripted), map_location=self.device)
+        else:
+            weights = self.path / "models" / "model.pt"
+            if not weights.is_file():
+                raise ModelUnavailable("neither models/model.ts nor models/model.pt exists")
+            network = parser.get_parsed_content("network_def")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state.get("model"), dict):  # saved by a CheckpointSaver with more than the network
+                state = state["model"]
+            network.load_state_dict(state)
+            network.to(self.device)
+        return network.eval()
+
+    def predict(self, volume: Volume) -> Segmentation:
+        """Segment the volume; the masks lie on exactly its grid."""
+        source = volume.to_metatensor()
+        # Bundle transforms are not ours to audit for in-place changes; the volume's pixels must stay intact.
+        data = self.preprocessing({"image": source.clone()})
+        image = data["image"]
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
+            logits = self.inferer(image.as_tensor()[None].to(self.device), self.network)
+        data["pred"] = MetaTensor(torch.as_tensor(logits)[0].float(), meta=dict(image.meta))
+        if self.postprocessing is not None:
+            with torch.no_grad():
+                data = self.postprocessing(data)
+        pred = data["pred"]
+        meta = dict((pred if isinstance(pred, MetaTensor) else image).meta)  # a plain output is on image's grid
+        pred = torch.as_tensor(pred).as_subclass(torch.Tensor)
+        if pred.shape[0] > 1:  # probabilities or one-hot: the bundle's postprocessing stopped before argmax
+            pred = pred.argmax(dim=0, keepdim=True)
+        labelmap = to_source_grid(MetaTensor(pred.float().cpu(), meta=meta), source)
+        return Segmentation(
+            masks=label_masks(labelmap, self.values),
+            segments=self.segments,
+            algorithm_name=self.name,
+            algorithm_version=self.version,
+        )

@@ -1,0 +1,146 @@
+"""The worker: claims jobs, builds the volume, runs the model, stores SEG and SR.
+
+Runs in its own process (started by `serve`, or alone with `dicom-ai-node worker`),
+so a long inference never slows the DICOM receiver.  A job that cannot succeed
+ends `skipped` (the series cannot form a volume for this model) or `failed`
+(anything else), always with a reason an admin can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from dicom_ai_node import __version__
+from dicom_ai_node.config import Config, load_config
+from dicom_ai_node.inference.registry import Model, ModelRegistry, ModelUnavailable
+from dicom_ai_node.inference.segmentation import Segmentation
+from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
+from dicom_ai_node.logs import setup_logging
+from dicom_ai_node.results.seg import build_seg
+from dicom_ai_node.results.sr import build_sr
+from dicom_ai_node.results.store import store_result
+from dicom_ai_node.results.uids import derive_uid
+from dicom_ai_node.store.db import make_engine
+from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.jobs import ClaimedJob, JobQueue, StageTimes, StoredResult
+from dicom_ai_node.store.models import JobState
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "dicom-ai-node"
+SEG_SERIES_NUMBER = 9001
+SR_SERIES_NUMBER = 9002
+
+
+class Worker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = make_engine(config.database.url)
+        self.store = InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
+        self.queue = JobQueue(self.engine, config.storage.path)
+        self.models = ModelRegistry(config.models)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue is empty."""
+        job = self.queue.claim(self.name, list(self.config.models))
+        if job is None:
+            return False
+        self.run(job)
+        return True
+
+    def run(self, job: ClaimedJob) -> None:
+        times: dict[str, float] = {}
+        device = None
+        try:
+            model = self.models.get(job.model)
+            device = str(model.device)
+            started = time.perf_counter()
+            volume = load_volume(job.paths)
+            times["load"] = time.perf_counter() - started
+            started = time.perf_counter()
+            segmentation = model.predict(volume)
+            times["inference"] = time.perf_counter() - started
+            started = time.perf_counter()
+            results = self._write_results(job, volume, segmentation, model)
+            times["write"] = time.perf_counter() - started
+        except VolumeError as exc:
+            log.warning("job %d (%s) skipped: %s", job.id, job.model, exc)
+            self.queue.fail(job, JobState.SKIPPED, f"series cannot form a volume: {exc}", StageTimes(**times), device)
+            return
+        except ModelUnavailable as exc:
+            log.error("job %d failed: %s", job.id, exc)
+            self.queue.fail(job, JobState.FAILED, str(exc), StageTimes(**times), device)
+            return
+        except Exception as exc:  # a model or writer bug must fail this job, not the worker
+            log.exception("job %d (%s) failed", job.id, job.model)
+            self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
+            return
+        self.queue.finish(job, results, StageTimes(**times), device, model.version)
+        log.info(
+            "job %d (%s) done: load %.2f s, inference %.2f s, write %.2f s",
+            job.id, job.model, times["load"], times["inference"], times["write"],
+        )
+
+    def _write_results(
+        self, job: ClaimedJob, volume: Volume, segmentation: Segmentation, model: Model
+    ) -> list[StoredResult]:
+        """SEG then SR, with UIDs derived from model and inputs: a re-run rewrites the same objects."""
+        sources = [frame.sop_instance_uid for frame in volume.frames]
+
+        def uid(kind: str) -> str:
+            return derive_uid(kind, model.name, model.version, sources)
+
+        software = f"{__version__} {model.name} {model.version}"
+        seg = build_seg(
+            volume,
+            segmentation,
+            series_number=SEG_SERIES_NUMBER,
+            series_instance_uid=uid("seg-series"),
+            sop_instance_uid=uid("seg"),
+            manufacturer=MANUFACTURER,
+            software_version=software,
+            device_serial_number=self.config.node.ae_title,
+            labelmap=self.config.models[job.model].seg_type == "labelmap",
+        )
+        sr = build_sr(
+            volume,
+            segmentation,
+            seg,
+            series_number=SR_SERIES_NUMBER,
+            series_instance_uid=uid("sr-series"),
+            sop_instance_uid=uid("sr"),
+            manufacturer=MANUFACTURER,
+            software_version=software,
+            device_name=MANUFACTURER,
+            model_name=f"{model.name} {model.version}",
+        )
+        return [store_result(self.store, "SEG", seg), store_result(self.store, "SR", sr)]
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info("worker %s ready (models: %s)", self.name, ", ".join(self.config.models))
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # database unreachable: wait and try again, never exit
+                log.exception("worker %s: could not claim a job", self.name)
+                busy = False
+            if not busy:
+                stop.wait(self.config.workers.poll_seconds)
+        self.engine.dispose()
+
+
+def worker_main(config_path: Path | None) -> None:
+    """Entry point of a worker process."""
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.file)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    Worker(config).run_forever(stop)

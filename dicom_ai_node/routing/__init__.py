@@ -1,0 +1,1 @@
+"""Routing: which models (and, later, destinations) a complete series goes to."""

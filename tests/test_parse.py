@@ -1,0 +1,68 @@
+"""Header extraction on the receive path: character sets, encodings, truncation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
+from dicom_ai_node.phantom import CTPhantom
+
+
+def _encode(ds, implicit: bool = False, little: bool = True) -> bytes:
+    """The dataset as it travels on the wire (no File Meta)."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = little, implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "Ødegård^Zoë"), ("ISO_IR 192", "山田^太郎")],
+)
+def test_patient_name_in_specific_character_set(charset, name):
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.StudyDescription = name.replace("^", " ")
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert header.patient_name == name and header.study_description == name.replace("^", " ")
+    assert header.image_type == "ORIGINAL\\PRIMARY\\AXIAL" and header.rows == 8 and header.series_number == 1
+
+
+def test_implicit_and_big_endian_headers_match():
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    implicit = parse_header(_encode(ds, implicit=True), ImplicitVRLittleEndian)
+    big = parse_header(_encode(ds, little=False), ExplicitVRBigEndian)
+    assert (implicit.rows, implicit.columns, implicit.sop_instance_uid) == (8, 8, ds.SOPInstanceUID)
+    assert (big.rows, big.columns, big.instance_number) == (8, 8, 1)
+
+
+def test_deflated_dataset_is_inflated_and_bad_deflate_refused():
+    import zlib
+
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = compressor.compress(_encode(ds)) + compressor.flush()
+    assert parse_header(deflated, DeflatedExplicitVRLittleEndian).modality == "CT"
+    with pytest.raises(RejectedDataset, match="cannot be inflated"):
+        parse_header(b"not deflate at all", DeflatedExplicitVRLittleEndian)
+
+
+def test_mismatching_affected_sop_instance_uid():
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    with pytest.raises(RejectedDataset, match="differs from the C-STORE request") as caught:
+        parse_header(_encode(ds), "1.2.840.10008.1.2.1", "1.2.3.4")
+    assert caught.value.status == 0xA900
+
+
+def test_invalid_uid_cannot_become_a_path():
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.SeriesInstanceUID = "1.2.3/../../etc"
+    with pytest.raises(RejectedDataset, match="is not a valid UID"):
+        parse_header(_encode(ds), "1.2.840.10008.1.2.1")
