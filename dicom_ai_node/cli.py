@@ -85,6 +85,11 @@ _STATE_STYLE = {
     "done": "green",
     "failed": "bold red",
     "skipped": "magenta",
+    "cancelled": "dim",
+    "pending": "yellow",
+    "sending": "cyan",
+    "delivered": "green",
+    "dead": "bold red",
 }
 
 
@@ -154,6 +159,13 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         "jobs",
         ", ".join(f"{_state(state)} {count}" for state, count in jobs.items() if state != "oldest_queued_seconds")
         + waiting,
+    )
+    deliveries = report["deliveries"]
+    stuck = deliveries["oldest_undelivered_seconds"]
+    table.add_row(
+        "deliveries",
+        ", ".join(f"{_state(k)} {v}" for k, v in deliveries.items() if k != "oldest_undelivered_seconds")
+        + (f", oldest undelivered {stuck} s" if stuck is not None else ""),
     )
     failures = report["failures_last_24h"]
     table.add_row("failures (24 h)", f"[red]{failures}[/] (see: dicom-ai-node events)" if failures else "0")
@@ -309,7 +321,7 @@ def jobs(
     for row in rows:
         detail = row["SeriesInstanceUID"] + (f"\n[red]{row['error']}[/]" if row["error"] else "")
         table.add_row(
-            str(row["id"]),
+            f"J{row['id']}",
             _state(row["state"]),
             row["model"],
             row["Modality"] or "",
@@ -328,14 +340,18 @@ def _seconds(value: float | None) -> str:
 @job_app.command("show")
 @_plain_errors
 def job_show(
-    job_id: Annotated[int, typer.Argument(help="Job ID (see: dicom-ai-node jobs).")],
+    job: Annotated[str, typer.Argument(help="J<id> or <id> (see: dicom-ai-node jobs).")],
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Stages, timings, error and result objects of one job."""
-    detail = queries.job_detail(_engine(load_config(config)), job_id)
+    _, job_id = _parse_id(job if job[:1].isalpha() else f"J{job}")
+    settings = load_config(config)
+    detail = queries.job_detail(_engine(settings), job_id)
     if detail is None:
         raise NodeError(f"no job {job_id} (see: dicom-ai-node jobs)")
+    for result in detail["results"]:
+        result["path"] = str(settings.storage.path / result["file_path"])
     if as_json:
         _print_json(detail)
         return
@@ -350,7 +366,8 @@ def job_show(
         table.add_row("error", f"[red]{detail['error']}[/]")
     console.print(table)
     for result in detail["results"]:
-        console.print(f"  {result['kind']:3s} {result['SOPInstanceUID']}  {result['file_path']}")
+        console.print(f"{result['kind']:3s} {result['SOPInstanceUID']}", highlight=False)
+        console.print(f"    {result['path']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -392,6 +409,161 @@ def worker(config: ConfigOption = None) -> None:
 
     load_config(config)  # report a bad config here, in plain words
     worker_main(config)
+
+
+@app.command()
+@_plain_errors
+def deliveries(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, failed or dead.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N deliveries.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Result sets on their way to destinations: attempts, last error, remote status."""
+    rows = queries.list_deliveries(_engine(load_config(config)), state, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no deliveries" + (f" in state {state}" if state else ""))
+        return
+    table = Table("ID", "State", "Destination", "Job", "Tries", "Remote", "Study Instance UID / last error")
+    for row in rows:
+        detail = row["StudyInstanceUID"]
+        if row["last_error"]:
+            detail += f"\n[red]{row['last_error']}[/]"
+        if row["next_attempt_at"] and row["state"] == "failed":
+            detail += f"\n[dim]next attempt {row['next_attempt_at']}[/]"
+        table.add_row(
+            f"D{row['id']}", _state(row["state"]), row["destination"], f"J{row['job_id']}", str(row["attempts"]),
+            row["remote_status"] or "", detail,
+        )
+    console.print(table)
+
+
+def _parse_id(text: str) -> tuple[str, int]:
+    """`J12` is job 12, `D7` is delivery 7 (as the listings show them)."""
+    kind, number = text[:1].upper(), text[1:]
+    if kind not in ("J", "D") or not number.isdigit():
+        raise NodeError(f"{text!r}: give a job as J<id> or a delivery as D<id> (see: jobs, deliveries)")
+    return ("job" if kind == "J" else "delivery"), int(number)
+
+
+@app.command()
+@_plain_errors
+def retry(
+    target: Annotated[str | None, typer.Argument(help="J<id> (a job) or D<id> (a delivery).")] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed job and failed or dead delivery.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run a failed job again, or send a failed or dead delivery again now."""
+    from dicom_ai_node.store.deliveries import DeliveryQueue
+    from dicom_ai_node.store.jobs import JobQueue
+
+    settings = load_config(config)
+    engine = _engine(settings)
+    jobs_queue = JobQueue(engine, settings.storage.path)
+    delivery_queue = DeliveryQueue(engine, settings.storage.path, settings.delivery)
+    if all_failed:
+        jobs_n, deliveries_n = jobs_queue.retry(), delivery_queue.retry_all_failed()
+        console.print(f"queued again: {jobs_n} failed job(s), {deliveries_n} failed or dead delivery(ies)")
+        return
+    if target is None:
+        raise NodeError("say what to retry: J<id>, D<id> or --all-failed")
+    kind, number = _parse_id(target)
+    if kind == "job":
+        if not jobs_queue.retry(number):
+            raise NodeError(f"job {number} is not failed, skipped or cancelled (see: dicom-ai-node job show {number})")
+        console.print(f"job {number} queued again")
+    else:
+        if not delivery_queue.retry(number):
+            raise NodeError(f"delivery {number} is not failed or dead (see: dicom-ai-node deliveries)")
+        console.print(f"delivery {number} will be sent again now")
+
+
+@app.command()
+@_plain_errors
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="J<id> of a queued or failed job.")],
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a job that has not run (a running job finishes; its results can be left undelivered)."""
+    from dicom_ai_node.store.jobs import JobQueue
+
+    kind, number = _parse_id(job_id if job_id[:1].isalpha() else f"J{job_id}")
+    if kind != "job":
+        raise NodeError("cancel takes a job (J<id>)")
+    settings = load_config(config)
+    blocking = JobQueue(_engine(settings), settings.storage.path).cancel(number)
+    if blocking is not None:
+        raise NodeError(f"job {number} is {blocking}; only queued or failed jobs can be cancelled")
+    console.print(f"job {number} cancelled")
+
+
+@app.command()
+@_plain_errors
+def resend(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    to: Annotated[str, typer.Option("--to", help="A destination from [destinations], or origin.")],
+    config: ConfigOption = None,
+) -> None:
+    """Send every result of a study to a destination again, even if it was delivered before."""
+    from dicom_ai_node.store.deliveries import DeliveryQueue
+
+    settings = load_config(config)
+    if to != "origin" and to not in settings.destinations:
+        known = ", ".join(["origin", *sorted(settings.destinations)])
+        raise NodeError(f"no destination named {to!r} (known: {known})")
+    count = DeliveryQueue(_engine(settings), settings.storage.path, settings.delivery).resend(study_uid, to)
+    if not count:
+        raise NodeError(f"study {study_uid} has no finished results to send (see: dicom-ai-node jobs)")
+    console.print(f"{count} result set(s) of study {study_uid} queued for {to}")
+
+
+@app.command()
+@_plain_errors
+def purge(
+    older_than: Annotated[float, typer.Option("--older-than", help="Age in days (since the study arrived).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove stored instances and results of studies that are fully delivered, and say what went."""
+    from dicom_ai_node.store.retention import purge_older_than
+
+    settings = load_config(config)
+    removed = purge_older_than(_engine(settings), settings.storage.path, older_than, dry_run)
+    if as_json:
+        _print_json([vars(r) for r in removed])
+        return
+    verb = "would remove" if dry_run else "removed"
+    for record in removed:
+        console.print(f"{verb} study {record.study_instance_uid}: {record.instances} instance(s), "
+                      f"{record.results} result(s), {_size(record.bytes)}", highlight=False)
+    total = sum(record.bytes for record in removed)
+    console.print(f"{len(removed)} study(ies), {_size(total)} {verb}; studies not fully delivered are kept")
+
+
+@app.command()
+@_plain_errors
+def demo(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Run this config's models and routes (default: the built-in CT model)."),
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="A new or empty folder for the demo node (default: a new temporary folder)."),
+    ] = None,
+    keep: Annotated[
+        bool,
+        typer.Option("--keep/--clean", help="Keep the demo folder (CT, SEG, SR, database, log) or delete it."),
+    ] = True,
+) -> None:
+    """Try the node in one command: a synthetic CT through a demo node of its own to SEG and SR."""
+    from dicom_ai_node.demo import run_demo  # imports cli's NodeError: keep it here
+
+    run_demo(config, workdir, keep, console)
 
 
 def main() -> None:

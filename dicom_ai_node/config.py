@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_ai_node.web.settings import WebSection
+
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -39,6 +41,9 @@ class _Section(BaseModel):
 
 class NodeSection(_Section):
     ae_title: AETitle = "AI_NODE"
+    # On SIGTERM: stop accepting, let running jobs and sends finish for this long, then exit.
+    # Whatever is cut off is re-run or re-sent after the next start (same derived UIDs).
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
 
 
 class AllowedCaller(_Section):
@@ -152,6 +157,81 @@ class RouteConfig(_Section):
         return value
 
 
+class DestinationConfig(_Section):
+    """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API.
+
+    Secrets never sit in this file or on a command line: `password_env` / `token_env`
+    name environment variables that hold them.
+    """
+
+    kind: Literal["dimse", "dicomweb", "orthanc"]
+    # dimse
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # dicomweb (base URL of the DICOMweb root) and orthanc (base URL of the REST API)
+    url: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    token_env: str | None = None
+    # orthanc: labels put on the study after upload
+    labels: list[str] = []
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _required(self) -> DestinationConfig:
+        need = {"dimse": ("ae_title", "host", "port"), "dicomweb": ("url",), "orthanc": ("url",)}[self.kind]
+        missing = [key for key in need if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"kind = {self.kind!r} needs {', '.join(missing)}")
+        if self.username and not self.password_env:
+            raise ValueError("username needs password_env (the environment variable holding the password)")
+        if self.username and self.token_env:
+            raise ValueError("use either username + password_env or token_env, not both")
+        return self
+
+
+class SourceConfig(_Section):
+    """A PACS the node pulls from; kind orthanc: Orthanc's change feed, each series once stable.
+
+    Only series a route would send to a model are pulled, and never the node's own SEG
+    and SR.  The password sits in the environment variable `password_env` names.
+    """
+
+    kind: Literal["orthanc"]
+    url: str  # base URL of Orthanc's REST API
+    username: str | None = None
+    password_env: str | None = None
+    poll_seconds: float = Field(5.0, gt=0, le=3600)
+    batch_size: int = Field(100, ge=1, le=10000)  # changes read per request to /changes
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SourceConfig:
+        if self.username and not self.password_env:
+            raise ValueError("username needs password_env (the environment variable holding the password)")
+        return self
+
+
+class DeliverySection(_Section):
+    max_attempts: int = Field(8, ge=1, le=1000)
+    # Exponential backoff with full jitter: the n-th retry waits up to min(max, initial * 2**(n-1)).
+    initial_backoff_seconds: float = Field(5.0, gt=0)
+    max_backoff_seconds: float = Field(600.0, gt=0)
+    concurrent: int = Field(4, ge=1, le=64)
+
+
 class WorkersSection(_Section):
     # Jobs run in worker processes apart from the SCP, so receiving never waits for inference.
     processes: int = Field(1, ge=0, le=64)
@@ -181,20 +261,36 @@ class Config(_Section):
     models: dict[str, ModelConfig] = {"ct-tissue": ModelConfig(kind="builtin")}
     routes: list[RouteConfig] = [RouteConfig(name="ct", modality="CT", min_slices=3, models=["ct-tissue"])]
     workers: WorkersSection = WorkersSection()
+    destinations: dict[str, DestinationConfig] = {}
+    sources: dict[str, SourceConfig] = {}
+    delivery: DeliverySection = DeliverySection()
     logging: LoggingSection = LoggingSection()
+    web: WebSection = WebSection()
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _names(self) -> Config:
-        for table, names in (("peers", self.peers), ("models", self.models)):
+        tables = (("peers", self.peers), ("models", self.models), ("destinations", self.destinations),
+                  ("sources", self.sources))
+        for table, names in tables:
             for name in names:
                 if not re.match(r"^[A-Za-z0-9_-]+$", name):
                     raise ValueError(f"{table}.{name}: names use letters, digits, '-' and '_'")
+        for name in self.sources:
+            if len(name) > 16:  # pulled instances record it as their sender's AE title
+                raise ValueError(f"sources.{name}: at most 16 characters")
         for index, route in enumerate(self.routes):
             for model in route.models:
                 if model not in self.models:
                     known = ", ".join(sorted(self.models)) or "none"
                     raise ValueError(f"routes.{index}.models: no model named {model!r} in [models] (known: {known})")
+            for destination in route.destinations:
+                if destination != "origin" and destination not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none"
+                    raise ValueError(
+                        f"routes.{index}.destinations: no destination named {destination!r} in [destinations] "
+                        f"(known: origin, {known})"
+                    )
         return self
 
 

@@ -17,5 +17,6 @@ def setup_logging(level: str, file: Path | None = None) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=handlers, force=True)
-    # pynetdicom narrates every PDU at INFO; our own log says what matters per association.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # pynetdicom narrates every PDU and highdicom every copied module at INFO; our own log says what matters.
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

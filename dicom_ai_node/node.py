@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
+import time
 
 from dicom_ai_node.config import Config
+from dicom_ai_node.delivery.runner import DeliveryRunner
+from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
+from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
 from dicom_ai_node.routing.router import route_complete_series
 from dicom_ai_node.series.completion import complete_stable_series
+from dicom_ai_node.store.deliveries import DeliveryQueue
 from dicom_ai_node.store.db import make_engine, require_current_schema
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.store.jobs import JobQueue
+from dicom_ai_node.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,14 @@ class Node:
         self.index = Index(self.engine)
         self.store = InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
         self.queue = JobQueue(self.engine, config.storage.path)
+        self.deliveries = DeliveryQueue(self.engine, config.storage.path, config.delivery)
+        self.delivery = DeliveryRunner(config, self.deliveries)
         self.scp = StorageSCP(config, self.index, self.store)
+        self.web = WebServer(config, self.engine, self.index, self.store)
+        self.pullers = [
+            OrthancPuller(name, source, config, self.engine, Receiver(self.index, self.store))
+            for name, source in config.sources.items()
+        ]
         self._stop = threading.Event()
         self._stages = threading.Thread(target=self._advance_forever, name="series-stages", daemon=True)
         self._workers: list[multiprocessing.process.BaseProcess] = []
@@ -49,30 +63,51 @@ class Node:
         requeued = self.queue.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)
+        resent = self.deliveries.requeue_interrupted()
+        if resent:
+            log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
         self.advance()  # series left waiting by a previous run
         self._stages.start()
+        self.delivery.start()
         if self.config.workers.processes:
             self._start_workers()
         self.scp.start()
+        self.web.start()
+        for puller in self.pullers:
+            puller.start()
 
     def _start_workers(self) -> None:
         from dicom_ai_node.inference.worker import worker_main  # torch & co. load in the workers, not here
 
         context = multiprocessing.get_context("spawn")
         for number in range(self.config.workers.processes):
-            process = context.Process(target=worker_main, args=(self.config.source,), name=f"worker-{number}")
+            process = context.Process(
+                target=worker_main, args=(self.config.source, os.getpid()), name=f"worker-{number}"
+            )
             process.start()
             self._workers.append(process)
 
     def stop(self) -> None:
-        log.info("stopping: no new associations")
+        """Drain: no new associations, running jobs and sends get the grace period, then exit."""
+        grace = self.config.node.shutdown_grace_seconds
+        log.info("stopping: no new associations; up to %.0f s for running jobs and deliveries", grace)
         self.scp.stop()
+        self.web.stop()
+        for puller in self.pullers:
+            puller.stop()
         self._stop.set()
         self._stages.join(timeout=10)
         for process in self._workers:
-            process.terminate()
+            process.terminate()  # a worker finishes its current job, then exits
+        deadline = time.monotonic() + grace
+        self.delivery.stop(grace)
         for process in self._workers:
-            process.join(timeout=30)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker %s still running after %.0f s: killed; its job is re-run at next start",
+                            process.name, grace)
+                process.kill()
+                process.join()
         self.engine.dispose()
         log.info("stopped")
 

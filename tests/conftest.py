@@ -231,6 +231,12 @@ def _dcmtk_present() -> None:
         dcmtk(program)
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines dciodvfy (David Clunie's IOD validator) reports as errors for the file."""
+    result = subprocess.run([venv_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
 def venv_tool(program: str) -> str:
     """A console script installed beside this Python (dciodvfy, segimage2itkimage, ...), venv active or not."""
     beside = Path(sys.executable).parent / program

@@ -122,7 +122,6 @@ def test_malformed_datasets_fail_and_the_association_stays_usable(node, small_ct
     # pynetdicom's documented switch to send a file's dataset bytes without decoding them.
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     _, paths = small_ct
-    valid = _dataset_bytes(paths[1])
     garbage = _raw_dataset_file(tmp_path, "garbage.dcm", paths[0], b"\x99\x99" * 3000)
     first = _dataset_bytes(paths[0])
     truncated = _raw_dataset_file(tmp_path, "truncated.dcm", paths[0], first[: len(first) - 1000])

@@ -4,7 +4,6 @@ model, and SEG + SR land in the node's store, valid for an independent validator
 from __future__ import annotations
 
 import random
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -12,17 +11,12 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 
-from conftest import storescu, venv_tool
+from conftest import dciodvfy_errors, storescu
 
 from dicom_ai_node.inference.mr_phantom import MRPhantom
 from dicom_ai_node.phantom import CTPhantom
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([venv_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 def sr_measurements(sr: Dataset) -> dict[str, dict[str, float]]:

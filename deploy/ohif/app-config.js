@@ -1,0 +1,35 @@
+// OHIF viewer configuration for deploy/docker-compose.yml: one data source, Orthanc's DICOMweb,
+// reached through the viewer's own nginx at /dicom-web (see default.conf.template).
+window.config = {
+  routerBasename: '/',
+  showStudyList: true,
+  extensions: [],
+  modes: [],
+  maxNumberOfWebWorkers: 3,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: true,
+  defaultDataSourceName: 'orthanc',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'orthanc',
+      configuration: {
+        friendlyName: 'Orthanc (with dicom-ai-node results)',
+        name: 'orthanc',
+        qidoRoot: window.location.origin + '/dicom-web',
+        wadoRoot: window.location.origin + '/dicom-web',
+        wadoUriRoot: window.location.origin + '/dicom-web',
+        qidoSupportsIncludeField: false,
+        supportsReject: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        dicomUploadEnabled: false,
+        omitQuotationForMultipartRequest: true,
+        bulkDataURI: { enabled: true },
+      },
+    },
+  ],
+};

@@ -1,0 +1,101 @@
+"""The one durable ingest path, whatever the way in (C-STORE, STOW-RS, Orthanc pull).
+
+Check the header, skip a duplicate, write the file durably, index it: only then
+is the instance accepted.  Every refusal carries the DICOM status a C-STORE
+would answer (STOW-RS maps it into its FailedSOPSequence) and is written to the
+audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
+from dicom_ai_node.store.files import DiskFull, InstanceStore
+from dicom_ai_node.store.index import Index, InstanceHeader, Outcome, Sender
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class Received:
+    status: int  # a C-STORE status: 0x0000 or a failure
+    reason: str  # empty on success
+    header: InstanceHeader | None
+    outcome: Outcome | None  # NEW, DUPLICATE or LATE when stored
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Receiver:
+    def __init__(self, index: Index, store: InstanceStore) -> None:
+        self.index = index
+        self.store = store
+
+    def receive(
+        self,
+        dataset: bytes,
+        transfer_syntax: str,
+        part10: Callable[[], bytes | memoryview],
+        sender: Sender,
+        affected_sop_instance_uid: str | None = None,
+    ) -> Received:
+        """Ingest one instance: `dataset` as sent (no File Meta), `part10()` the file to store."""
+        try:
+            header = parse_header(dataset, transfer_syntax, affected_sop_instance_uid)
+        except RejectedDataset as exc:
+            return self._refuse(exc.status, str(exc), sender, None, affected_sop_instance_uid)
+        try:
+            existing_series = self.index.stored_series_id(header.sop_instance_uid)
+            if existing_series is not None:
+                self.index.record_duplicate(existing_series)
+                log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
+                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
+            relative = self.store.relative_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+            data = part10()
+            self.store.write_instance(relative, data)
+        except DiskFull as exc:
+            return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), sender, header)
+        except OSError as exc:
+            return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", sender, header)
+        try:
+            outcome = self.index.record_instance(header, sender, relative, len(data))
+        except Exception as exc:  # database down or broken: the sender must keep its copy
+            log.exception("indexing %s failed", header.sop_instance_uid)
+            return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
+        return Received(SUCCESS, "", header, outcome, len(data))
+
+    def _refuse(
+        self,
+        code: int,
+        reason: str,
+        sender: Sender,
+        header: InstanceHeader | None,
+        sop_instance_uid: str | None = None,
+    ) -> Received:
+        sop = header.sop_instance_uid if header else sop_instance_uid
+        log.error("instance %s from %s refused (0x%04X): %s", sop or "?", sender, code, reason)
+        try:
+            self.index.record_event(
+                "store-failed",
+                f"instance {sop or '?'} from {sender} refused with status 0x{code:04X}: {reason}",
+                level="error",
+                study_instance_uid=header.study_instance_uid if header else None,
+                series_instance_uid=header.series_instance_uid if header else None,
+                sop_instance_uid=sop,
+                calling_ae_title=sender.ae_title,
+            )
+        except Exception:  # the audit trail must not turn a clear refusal into a crash
+            log.exception("could not record the refusal in the audit trail")
+        return Received(code, reason, header, None)

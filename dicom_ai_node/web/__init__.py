@@ -1,0 +1,1 @@
+"""DICOMweb server (STOW-RS, QIDO-RS, WADO-RS), health probes and Prometheus metrics."""

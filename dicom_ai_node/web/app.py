@@ -1,0 +1,269 @@
+"""The ASGI application: DICOMweb under `web.base_path`, probes and metrics at the root."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dicom_ai_node.config import Config
+from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.index import Index, Sender
+from dicom_ai_node.web.dicomweb import (
+    DICOM_JSON,
+    Archive,
+    HTTPProblem,
+    MultipartError,
+    Query,
+    Stow,
+    check_stow_content_type,
+    frames,
+    frames_response,
+    instance_metadata,
+    parse_multipart,
+    problem_response,
+    read_body,
+    retrieve_response,
+    stow_response,
+)
+from dicom_ai_node.web.metrics import Metrics
+from dicom_ai_node.web.settings import WebSection
+
+log = logging.getLogger(__name__)
+
+
+class AuthError(ValueError):
+    """A client's credential cannot be loaded (its environment variable is unset)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str | None  # None: anonymous
+    write: bool
+
+
+class Authenticator:
+    """Bearer tokens and basic users from `web.clients`; compared in constant time."""
+
+    def __init__(self, settings: WebSection, environ: dict[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self.settings = settings
+        self._tokens: list[tuple[bytes, Caller]] = []  # sha256 digests
+        self._passwords: dict[str, tuple[bytes, Caller]] = {}
+        for client in settings.clients:
+            caller = Caller(client.name, client.write)
+            env = client.token_env or client.password_env
+            secret = environ.get(env) if env else None
+            if env and not secret:
+                raise AuthError(f"web.clients {client.name!r}: environment variable {env} is not set or empty")
+            if client.token_sha256:
+                self._tokens.append((bytes.fromhex(client.token_sha256), caller))
+            elif client.token_env:
+                self._tokens.append((_sha256(secret or ""), caller))
+            else:
+                self._passwords[client.name] = (_sha256(secret or ""), caller)
+
+    def caller(self, request: Request, write: bool) -> Caller:
+        """Who is calling; raises 401 (no or bad credential) or 403 (read-only client writing)."""
+        header = request.headers.get("authorization", "")
+        scheme, _, credential = header.partition(" ")
+        scheme = scheme.lower()
+        if not header:
+            allowed = self.settings.allow_anonymous_write if write else self.settings.allow_anonymous_read
+            if allowed:
+                return Caller(None, True)
+            raise HTTPProblem(401, "authentication required (Bearer token or Basic user)")
+        caller = None
+        if scheme == "bearer":
+            digest = _sha256(credential.strip())
+            for known, candidate in self._tokens:
+                if hmac.compare_digest(known, digest):
+                    caller = candidate
+        elif scheme == "basic":
+            caller = self._basic(credential.strip())
+        if caller is None:
+            raise HTTPProblem(401, "invalid credentials")
+        if write and not caller.write:
+            raise HTTPProblem(403, f"client {caller.name!r} may read but not store")
+        return caller
+
+    def _basic(self, credential: str) -> Caller | None:
+        try:
+            user, _, password = base64.b64decode(credential, validate=True).decode().partition(":")
+        except ValueError:
+            return None
+        known = self._passwords.get(user)
+        if known is None:
+            hmac.compare_digest(_sha256(password), _sha256(""))  # same work whether the user exists or not
+            return None
+        return known[1] if hmac.compare_digest(known[0], _sha256(password)) else None
+
+
+def _sha256(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def create_app(
+    config: Config, engine: Engine, index: Index | None = None, store: InstanceStore | None = None
+) -> Starlette:
+    """The app; pass the node's Index so STOW-RS and C-STORE share its SQLite write lock."""
+    settings: WebSection = config.web
+    index = index or Index(engine)
+    store = store or InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
+    auth = Authenticator(settings)
+    metrics = Metrics(engine)
+    stow = Stow(index, store, metrics)
+    archive = Archive(engine, store.root)
+
+    def base_url(request: Request) -> str:
+        return f"{request.url.scheme}://{request.url.netloc}{settings.base_path}"
+
+    def sender(request: Request, caller: Caller) -> Sender:
+        return Sender(ae_title=caller.name, host=request.client.host if request.client else None, source="stow")
+
+    async def store_instances(request: Request) -> Response:
+        caller = auth.caller(request, write=True)
+        boundary = check_stow_content_type(request.headers.get("content-type"))
+        body = await read_body(request, settings.max_request_mb * 2**20)
+        try:
+            parts = parse_multipart(body, boundary)
+        except MultipartError as exc:
+            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+        study_uid = request.path_params.get("study")
+        result = await run_in_threadpool(stow.store, parts, sender(request, caller), study_uid, base_url(request))
+        log.info("STOW-RS from %s: %d stored, %d failed", sender(request, caller), len(result.stored),
+                 len(result.failed))
+        return stow_response(result, base_url(request), study_uid)
+
+    def search(level: str):
+        async def endpoint(request: Request) -> Response:
+            auth.caller(request, write=False)
+            query = Query.from_request(request, settings.qido_max_results)
+            params = request.path_params
+            if level == "studies":
+                found = await run_in_threadpool(archive.search_studies, query, base_url(request))
+            elif level == "series":
+                found = await run_in_threadpool(archive.search_series, query, base_url(request), params.get("study"))
+            else:
+                found = await run_in_threadpool(
+                    archive.search_instances, query, base_url(request), params.get("study"), params.get("series")
+                )
+            warning = query.warning()
+            return JSONResponse(found, media_type=DICOM_JSON, headers={"Warning": warning} if warning else None)
+
+        return endpoint
+
+    async def retrieve(request: Request) -> Response:
+        auth.caller(request, write=False)
+        params = request.path_params
+        paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
+        return retrieve_response(request, paths)
+
+    async def metadata(request: Request) -> Response:
+        auth.caller(request, write=False)
+        params = request.path_params
+        paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
+        if not paths:
+            raise HTTPProblem(404, "no such study, series or instance")
+        found = await run_in_threadpool(lambda: [instance_metadata(path) for path in paths])
+        return JSONResponse(found, media_type=DICOM_JSON)
+
+    async def retrieve_frames(request: Request) -> Response:
+        auth.caller(request, write=False)
+        params = request.path_params
+        try:
+            numbers = [int(number) for number in params["frames"].split(",")]
+        except ValueError:
+            raise HTTPProblem(400, "frames are a comma-separated list of 1-based numbers") from None
+        paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
+        if not paths:
+            raise HTTPProblem(404, "no such instance")
+        return frames_response(await run_in_threadpool(frames, paths[0], numbers))
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        checks = await run_in_threadpool(_readiness, engine, store)
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse(checks, status_code=200 if ready else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(await run_in_threadpool(generate_latest, metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    base = settings.base_path
+    study, series, instance = "/studies/{study}", "/studies/{study}/series/{series}", (
+        "/studies/{study}/series/{series}/instances/{instance}")
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", prometheus),
+        Route(f"{base}/studies", store_instances, methods=["POST"]),
+        Route(f"{base}{study}", store_instances, methods=["POST"]),
+        Route(f"{base}/studies", search("studies"), methods=["GET"]),
+        Route(f"{base}/series", search("series"), methods=["GET"]),
+        Route(f"{base}/instances", search("instances"), methods=["GET"]),
+        Route(f"{base}{study}/series", search("series"), methods=["GET"]),
+        Route(f"{base}{study}/instances", search("instances"), methods=["GET"]),
+        Route(f"{base}{series}/instances", search("instances"), methods=["GET"]),
+        Route(f"{base}{study}", retrieve, methods=["GET"]),
+        Route(f"{base}{series}", retrieve, methods=["GET"]),
+        Route(f"{base}{instance}", retrieve, methods=["GET"]),
+        Route(f"{base}{study}/metadata", metadata, methods=["GET"]),
+        Route(f"{base}{series}/metadata", metadata, methods=["GET"]),
+        Route(f"{base}{instance}/metadata", metadata, methods=["GET"]),
+        Route(f"{base}{instance}/frames/{{frames}}", retrieve_frames, methods=["GET"]),
+    ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Accept"],
+                expose_headers=["Content-Type", "Content-Length"],
+            )
+        )
+
+    async def problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPProblem)
+        response = problem_response(exc)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dicom-ai-node", Basic realm="dicom-ai-node"'
+        return response
+
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPProblem: problem})
+
+
+def _readiness(engine: Engine, store: InstanceStore) -> dict[str, Any]:
+    """Database answers, storage folder writable and above its free-space floor."""
+    checks: dict[str, Any] = {}
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any driver error means not ready
+        checks["database"] = f"unreachable: {exc}"
+    try:
+        if not os.access(store.root, os.W_OK):
+            raise OSError(f"{store.root} is not writable")
+        store.check_space(0)
+        checks["storage"] = "ok"
+    except OSError as exc:
+        checks["storage"] = f"not writable: {exc.strerror or exc}"
+    return checks

@@ -1,0 +1,178 @@
+"""Results reach the PACS: Orthanc as the PACS, storescu as the scanner, the node in between,
+including a PACS that is down, a PACS that refuses SEG, and kill -9 at each stage."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage
+
+from conftest import PEER_ENV, dciodvfy_errors, dcmtk, free_port, storescu
+from orthanc import orthanc_servers
+
+from dicom_ai_node.phantom import CTPhantom
+
+
+@pytest.fixture
+def orthancs(tmp_path):
+    with orthanc_servers(tmp_path / "pacs") as make:
+        yield make
+
+
+def _ct(tmp_path, slices: int = 24):
+    phantom = CTPhantom(slices=slices, rows=96, columns=96, pixel_spacing=(4.0, 4.0), slice_spacing=10.0)
+    return phantom, phantom.write(tmp_path / f"ct-{phantom.series_uid[-6:]}")
+
+
+def _delivering_node(node_factory, destinations: dict, **extra):
+    return node_factory(
+        workers={"processes": 1},
+        destinations=destinations,
+        routes=[{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["ct-tissue"],
+                 "destinations": list(destinations)}],
+        delivery={"initial_backoff_seconds": 1.0, "max_backoff_seconds": 3.0, "max_attempts": 30},
+        **extra,
+    )
+
+
+def _wait_deliveries(node, state: str, count: int, timeout: float = 120) -> list[dict]:
+    return node.wait_for(
+        lambda: len(rows := node.json("deliveries", "--state", state)) >= count and rows,
+        timeout=timeout,
+        what=f"{count} delivery(ies) {state}",
+    )
+
+
+def _orthanc_copy_valid(orthanc, tmp_path, sop_instance_uid: str) -> None:
+    instance = orthanc.instance_id(sop_instance_uid)
+    assert instance is not None, f"{sop_instance_uid} is not in Orthanc"
+    path = tmp_path / f"{sop_instance_uid}.dcm"
+    path.write_bytes(orthanc.instance_file(instance))
+    assert dciodvfy_errors(path) == []
+
+
+def test_results_arrive_by_cstore_stowrs_and_orthanc_rest(node_factory, orthancs, tmp_path):
+    by_dimse, by_stow, by_rest = orthancs(), orthancs(), orthancs()
+    node = _delivering_node(node_factory, {
+        "pacs-dimse": {"kind": "dimse", "ae_title": by_dimse.aet, "host": "127.0.0.1", "port": by_dimse.dicom_port},
+        "pacs-stow": {"kind": "dicomweb", "url": by_stow.dicomweb_url},
+        "pacs-rest": {"kind": "orthanc", "url": by_rest.url},
+    })
+    node.start()
+    phantom, paths = _ct(tmp_path)
+    assert storescu(node.port, *paths).returncode == 0
+
+    delivered = _wait_deliveries(node, "delivered", 3)
+    assert {row["destination"] for row in delivered} == {"pacs-dimse", "pacs-stow", "pacs-rest"}
+    (job,) = node.json("jobs")
+    results = node.json("job", "show", str(job["id"]))["results"]
+    for orthanc in (by_dimse, by_stow, by_rest):
+        assert orthanc.count_instances() == 2  # SEG and SR, once each
+        for result in results:
+            _orthanc_copy_valid(orthanc, tmp_path, result["SOPInstanceUID"])
+        study = orthanc.get("/studies")
+        assert len(study) == 1
+        assert orthanc.get(f"/studies/{study[0]}")["MainDicomTags"]["StudyInstanceUID"] == phantom.study_uid
+
+
+def test_pacs_down_then_up_delivers_with_failed_attempts_visible(node_factory, orthancs, tmp_path):
+    pacs = orthancs()
+    node = _delivering_node(
+        node_factory, {"pacs": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}}
+    )
+    node.start()
+    pacs.stop()
+    _, paths = _ct(tmp_path)
+    assert storescu(node.port, *paths).returncode == 0
+    node.wait_for(lambda: node.json("deliveries", "--state", "failed"), timeout=120, what="a failed attempt")
+    time.sleep(20)  # the PACS stays down for 20 s while the node keeps trying
+    pacs.start()
+
+    (delivery,) = _wait_deliveries(node, "delivered", 1)
+    assert delivery["attempts"] > 1
+    assert pacs.count_instances() == 2
+    failures = [e for e in node.json("events") if e["kind"] == "delivery-failed"]
+    assert failures and "retry in" in failures[0]["message"]
+
+
+@pytest.fixture
+def ct_only_scp():
+    """A PACS that stores CT but not SEG or SR: a permanent refusal at negotiation."""
+    ae = AE(ae_title="CT_ONLY")
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+    yield port
+    server.shutdown()
+
+
+def test_refused_sop_class_is_dead_then_retry_after_config_fix(node_factory, orthancs, ct_only_scp, tmp_path):
+    node = _delivering_node(
+        node_factory, {"pacs": {"kind": "dimse", "ae_title": "CT_ONLY", "host": "127.0.0.1", "port": ct_only_scp}}
+    )
+    node.start()
+    _, paths = _ct(tmp_path)
+    assert storescu(node.port, *paths).returncode == 0
+    (dead,) = _wait_deliveries(node, "dead", 1)
+    assert dead["attempts"] == 1  # permanent: no retries
+    assert "not supported" in dead["last_error"]
+
+    # The admin points the destination at a PACS that takes SEG and SR, restarts, and retries.
+    pacs = orthancs()
+    node.stop()
+    node.settings["destinations"]["pacs"].update(ae_title=pacs.aet, port=pacs.dicom_port)
+    node.start()
+    assert "will be sent again" in node.cli("retry", f"D{dead['id']}").stdout
+    _wait_deliveries(node, "delivered", 1)
+    assert pacs.count_instances() == 2
+
+
+def _send_in_background(port: int, paths) -> subprocess.Popen:
+    return subprocess.Popen(
+        [dcmtk("storescu"), "-aec", "AI_NODE", "127.0.0.1", str(port), *map(str, paths)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV,
+    )
+
+
+@pytest.mark.parametrize("stage", ["receive", "inference", "delivery"])
+def test_kill_9_at_each_stage_ends_in_pacs_exactly_once(node_factory, orthancs, tmp_path, stage):
+    pacs = orthancs()
+    node = _delivering_node(
+        node_factory, {"pacs": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}}
+    )
+    node.start()
+    phantom, paths = _ct(tmp_path, slices=60)
+    if stage == "receive":
+        sender = _send_in_background(node.port, paths)
+        node.wait_for(lambda: (s := node.json("studies")) and s[0]["NumberOfStudyRelatedInstances"] >= 10,
+                      what="instances arriving")
+        node.stop(signal.SIGKILL)
+        sender.wait(timeout=60)
+        node.start()
+        assert storescu(node.port, *paths).returncode == 0  # the scanner sends again what failed
+    elif stage == "inference":  # killed as soon as the job exists: queued, or already running
+        assert storescu(node.port, *paths).returncode == 0
+        node.wait_for(lambda: node.json("jobs"), what="the job")
+        node.stop(signal.SIGKILL)
+        node.start()
+    else:
+        pacs.stop()
+        assert storescu(node.port, *paths).returncode == 0
+        node.wait_for(lambda: node.json("deliveries", "--state", "failed"), timeout=120, what="a delivery attempt")
+        node.stop(signal.SIGKILL)
+        pacs.start()
+        node.start()
+
+    delivered = _wait_deliveries(node, "delivered", 1, timeout=180)
+    assert len(delivered) == 1
+    assert pacs.count_instances() == 2  # SEG and SR exactly once, whatever was interrupted
+    (series,) = node.json("series", phantom.study_uid)
+    assert series["NumberOfSeriesRelatedInstances"] == 60
+    for result in node.json("job", "show", str(node.json("jobs", "--state", "done")[0]["id"]))["results"]:
+        assert pacs.instance_id(result["SOPInstanceUID"]) is not None
+        assert pydicom.uid.UID(result["SOPInstanceUID"]).is_valid
