@@ -176,3 +176,60 @@ def test_kill_9_at_each_stage_ends_in_pacs_exactly_once(node_factory, orthancs, 
     for result in node.json("job", "show", str(node.json("jobs", "--state", "done")[0]["id"]))["results"]:
         assert pacs.instance_id(result["SOPInstanceUID"]) is not None
         assert pydicom.uid.UID(result["SOPInstanceUID"]).is_valid
+
+
+def test_admin_commands_and_a_down_destination_blocks_no_other(node_factory, orthancs, tmp_path, database_url):
+    """One PACS down, one up: the up one gets its results at once; then resend, purge and cancel."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("CLI behaviour; the PostgreSQL path is covered by the tests above")
+    up, down = orthancs(), orthancs()
+    down.stop()
+    node = _delivering_node(node_factory, {
+        "up": {"kind": "dimse", "ae_title": up.aet, "host": "127.0.0.1", "port": up.dicom_port},
+        "down": {"kind": "dimse", "ae_title": down.aet, "host": "127.0.0.1", "port": down.dicom_port},
+    })
+    node.start()
+    phantom, paths = _ct(tmp_path)
+    assert storescu(node.port, *paths).returncode == 0
+    (delivered,) = _wait_deliveries(node, "delivered", 1)
+    assert delivered["destination"] == "up" and up.count_instances() == 2
+    node.wait_for(lambda: node.json("deliveries", "--state", "failed"), what="the down PACS failing")
+    status = node.json("status")
+    assert status["deliveries"]["delivered"] == 1 and status["deliveries"]["oldest_undelivered_seconds"] is not None
+    assert "deliveries" in node.cli("status").stdout
+
+    # resend: the same objects again to `up` (same UIDs: Orthanc still holds them once).
+    assert "queued for up" in node.cli("resend", phantom.study_uid, "--to", "up").stdout
+    _wait_deliveries(node, "delivered", 2)
+    assert up.count_instances() == 2
+    # purge keeps a study that is not fully delivered (the `down` delivery is pending) ...
+    kept = node.cli("purge", "--older-than", "0").stdout
+    assert "0 study(ies)" in kept and (node.storage / phantom.study_uid).exists()
+    # ... and removes it once everything reached its destinations.
+    down.start()
+    node.cli("retry", "--all-failed")
+    node.wait_for(lambda: not node.json("deliveries", "--state", "failed")
+                  and not node.json("deliveries", "--state", "pending"), what="all delivered")
+    removed = node.cli("purge", "--older-than", "0").stdout
+    assert f"removed study {phantom.study_uid}: 24 instance(s), 2 result(s)" in removed
+    assert not (node.storage / phantom.study_uid).exists()
+    assert node.json("studies")[0]["NumberOfStudyRelatedInstances"] == 0
+    assert any(e["kind"] == "purged" for e in node.json("events", "--study", phantom.study_uid))
+
+
+def test_cancel_a_queued_job_and_retry_it(node_factory, tmp_path, database_url):
+    if not database_url.startswith("sqlite"):
+        pytest.skip("CLI behaviour; the PostgreSQL path is covered by the tests above")
+    node = node_factory()  # no worker here: the job stays queued
+    node.start()
+    _, paths = _ct(tmp_path, slices=4)
+    assert storescu(node.port, *paths).returncode == 0
+    (job,) = node.wait_for(lambda: node.json("jobs", "--state", "queued"), what="a queued job")
+    assert f"job {job['id']} cancelled" in node.cli("cancel", f"J{job['id']}").stdout
+    assert node.json("jobs")[0]["state"] == "cancelled"
+    again = node.cli("cancel", f"J{job['id']}", check=False)
+    assert again.returncode == 2 and "is cancelled; only queued or failed jobs" in again.stderr
+    assert "queued again" in node.cli("retry", f"J{job['id']}").stdout
+    assert node.json("jobs")[0]["state"] == "queued"
+    wrong = node.cli("retry", "42", check=False)
+    assert wrong.returncode == 2 and "J<id>" in wrong.stderr

@@ -66,3 +66,21 @@ def test_invalid_uid_cannot_become_a_path():
     ds.SeriesInstanceUID = "1.2.3/../../etc"
     with pytest.raises(RejectedDataset, match="is not a valid UID"):
         parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize("source_ae", ["STORESCU", "CT1", ""])
+def test_part10_file_meta_matches_pydicom(source_ae):
+    """The hand-built File Meta (hot path) is byte-identical to pydicom's encoding of the same."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_ai_node.ingest.part10 import part10
+
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    dataset = _encode(ds)
+    built = part10(ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", source_ae, dataset)
+    meta = create_file_meta(
+        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax="1.2.840.10008.1.2.1"
+    )
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    assert built == b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + dataset

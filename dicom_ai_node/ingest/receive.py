@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
@@ -37,9 +38,20 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, index: Index, store: InstanceStore) -> None:
+    """The receive path; the file is written and the row committed concurrently.
+
+    Both must be done before the instance counts as received, so they overlap
+    (an fsync and a database commit each wait on the disk).  The row may thus
+    briefly exist before its file: a duplicate is therefore an instance whose
+    row AND file exist, and if the file cannot be written the row is removed
+    again.  Readers never race this window: a series is processed only once it
+    has been quiet for `stable_seconds`.
+    """
+
+    def __init__(self, index: Index, store: InstanceStore, concurrency: int = 16) -> None:
         self.index = index
         self.store = store
+        self._files = ThreadPoolExecutor(concurrency, thread_name_prefix="instance-write")
 
     def receive(
         self,
@@ -55,25 +67,34 @@ class Receiver:
         except RejectedDataset as exc:
             return self._refuse(exc.status, str(exc), sender, None, affected_sop_instance_uid)
         try:
-            existing_series = self.index.stored_series_id(header.sop_instance_uid)
-            if existing_series is not None:
-                self.index.record_duplicate(existing_series)
-                log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
-                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
+            existing_series = self.index.stored_series_id(header.sop_instance_uid)
+            if existing_series is not None and self.store.absolute(relative).exists():
+                self.index.record_duplicate(existing_series)
+                log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
+                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
             data = part10()
-            self.store.write_instance(relative, data)
+            self.store.check_space(len(data))
         except DiskFull as exc:
             return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), sender, header)
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", sender, header)
+        writing = self._files.submit(self.store.write_instance, relative, data)
         try:
             outcome = self.index.record_instance(header, sender, relative, len(data))
         except Exception as exc:  # database down or broken: the sender must keep its copy
             log.exception("indexing %s failed", header.sop_instance_uid)
+            _settle(writing)  # a file without a row is rewritten when the sender tries again
             return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
+        try:
+            writing.result()
+        except OSError as exc:
+            if outcome is not Outcome.DUPLICATE:
+                self.index.forget_instance(header.sop_instance_uid)
+            reason = exc.strerror if isinstance(exc, DiskFull) else f"cannot write the instance: {exc}"
+            return self._refuse(OUT_OF_RESOURCES, reason or str(exc), sender, header)
         return Received(SUCCESS, "", header, outcome, len(data))
 
     def _refuse(
@@ -99,3 +120,11 @@ class Receiver:
         except Exception:  # the audit trail must not turn a clear refusal into a crash
             log.exception("could not record the refusal in the audit trail")
         return Received(code, reason, header, None)
+
+
+def _settle(future: Future) -> None:
+    """Wait for a write whose outcome no longer matters (its failure is already being reported)."""
+    try:
+        future.result()
+    except OSError:
+        pass

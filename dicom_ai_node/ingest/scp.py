@@ -22,6 +22,7 @@ from pynetdicom.association import Association
 from dicom_ai_node.config import Config
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from dicom_ai_node.ingest.receive import SUCCESS, Receiver
+from dicom_ai_node.ingest.part10 import part10
 from dicom_ai_node.ingest.policy import AssociationPolicy
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index, Outcome, Sender
@@ -58,7 +59,7 @@ class StorageSCP:
     def __init__(self, config: Config, index: Index, store: InstanceStore) -> None:
         self.config = config
         self.index = index
-        self.receiver = Receiver(index, store)
+        self.receiver = Receiver(index, store, concurrency=config.dimse.max_associations)
         self.policy = AssociationPolicy(
             our_ae_title=config.node.ae_title,
             require_called_ae_title=config.dimse.require_called_ae_title,
@@ -195,10 +196,18 @@ class StorageSCP:
 
     def _store(self, event: evt.Event, tally: _AssociationTally) -> int | Dataset:
         request = event.request
+        dataset = request.DataSet.getvalue()
+        transfer_syntax = event.context.transfer_syntax
         received = self.receiver.receive(
-            request.DataSet.getvalue(),
-            event.context.transfer_syntax,
-            event.encoded_dataset,
+            dataset,
+            transfer_syntax,
+            lambda: part10(
+                request.AffectedSOPClassUID,
+                request.AffectedSOPInstanceUID,
+                transfer_syntax,
+                tally.sender.ae_title or "",
+                dataset,
+            ),
             tally.sender,
             request.AffectedSOPInstanceUID,
         )

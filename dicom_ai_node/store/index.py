@@ -64,6 +64,9 @@ class Sender:
         return f"{self.ae_title or '?'}@{self.host or '?'} ({self.source})"
 
 
+_SERIES_CACHE_SIZE = 10_000
+
+
 class Outcome(enum.Enum):
     NEW = "new"
     DUPLICATE = "duplicate"  # same SOP Instance UID already stored: first copy kept
@@ -100,7 +103,9 @@ class Index:
         self._find_instance = select(_instances.c.series_id).where(
             _instances.c.sop_instance_uid == bindparam("sop_instance_uid")
         )
-        self._find_series = select(_series.c.id, _series.c.state).where(
+        self._series_ids: dict[str, int] = {}
+        self._cache_lock = threading.Lock()
+        self._find_series = select(_series.c.id).where(
             _series.c.series_instance_uid == bindparam("series_instance_uid")
         )
         self._add_instance = self._insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
@@ -123,6 +128,11 @@ class Index:
         with self.engine.connect() as connection:
             return connection.execute(self._find_instance, {"sop_instance_uid": sop_instance_uid}).scalar()
 
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Undo `record_instance` for an instance whose file could not be written."""
+        with self._write() as connection:
+            connection.execute(_instances.delete().where(_instances.c.sop_instance_uid == sop_instance_uid))
+
     def record_duplicate(self, series_id: int) -> None:
         with self._write() as connection:
             _count_duplicate(connection, series_id)
@@ -130,7 +140,7 @@ class Index:
     def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> Outcome:
         now = utcnow()
         with self._write() as connection:
-            series_id, state, created = self._series_row(connection, header, now)
+            series_id, created = self._series_row(connection, header, now)
             inserted = connection.execute(
                 self._add_instance,
                 {
@@ -165,6 +175,7 @@ class Index:
                 )
             if connection.execute(self._touch_receiving_series, {"series_id": series_id, "now": now}).rowcount:
                 return Outcome.NEW
+            state = connection.execute(select(_series.c.state).where(_series.c.id == series_id)).scalar_one()
             connection.execute(
                 update(_series)
                 .where(_series.c.id == series_id)
@@ -187,12 +198,20 @@ class Index:
             )
             return Outcome.LATE
 
-    def _series_row(self, connection: Connection, header: InstanceHeader, now: dt.datetime) -> tuple[int, str, bool]:
-        """(series id, state, whether this call created it)."""
+    def _series_row(self, connection: Connection, header: InstanceHeader, now: dt.datetime) -> tuple[int, bool]:
+        """(series id, whether this call created it).
+
+        Series rows are never deleted (purge keeps them for the audit), so their ids are
+        cached: most instances then need one INSERT and one UPDATE, nothing else.
+        """
+        cached = self._series_ids.get(header.series_instance_uid)
+        if cached is not None:
+            return cached, False
         key = {"series_instance_uid": header.series_instance_uid}
         row = connection.execute(self._find_series, key).first()
         if row is not None:
-            return row.id, row.state, False
+            self._remember_series(header.series_instance_uid, row.id)
+            return row.id, False
         connection.execute(
             self._insert(_studies)
             .values(
@@ -229,7 +248,15 @@ class Index:
             .on_conflict_do_nothing(index_elements=["series_instance_uid"])
         ).rowcount
         row = connection.execute(self._find_series, key).one()
-        return row.id, row.state, bool(created)
+        if not created:  # created in this transaction: cached only once it is committed (next instance)
+            self._remember_series(header.series_instance_uid, row.id)
+        return row.id, bool(created)
+
+    def _remember_series(self, series_instance_uid: str, series_id: int) -> None:
+        with self._cache_lock:
+            if len(self._series_ids) >= _SERIES_CACHE_SIZE:
+                self._series_ids.pop(next(iter(self._series_ids)))  # oldest first: dicts keep insertion order
+            self._series_ids[series_instance_uid] = series_id
 
     def record_event(
         self,
