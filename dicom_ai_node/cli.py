@@ -373,10 +373,12 @@ def job_show(
 @app.command()
 @_plain_errors
 def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Configured models, their kind and device, and the routes that use them."""
+    """Configured models: kind, device, whether a worker holds them loaded, and the routes that use them."""
     from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+    from dicom_ai_node.inference.worker import loaded_models
 
     settings = load_config(config)
+    held = loaded_models(settings)
     rows = []
     for name, model in settings.models.items():
         try:
@@ -390,14 +392,19 @@ def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
                 "path": str(model.path) if model.path else None,
                 "device": device,
                 "routes": [route.name for route in settings.routes if name in route.models],
+                "loaded": bool(held.get(name)),
+                "loaded_in": held.get(name, []),
             }
         )
     if as_json:
         _print_json(rows)
         return
-    table = Table("Model", "Kind", "Device", "Routes", "Path")
+    table = Table("Model", "Kind", "Device", "Loaded", "Routes", "Path")
     for row in rows:
-        table.add_row(row["name"], row["kind"], row["device"], ", ".join(row["routes"]), row["path"] or "(built in)")
+        loaded = "\n".join(row["loaded_in"]) if row["loaded"] else "[dim]no (loads on its first job)[/]"
+        table.add_row(
+            row["name"], row["kind"], row["device"], loaded, ", ".join(row["routes"]), row["path"] or "(built in)"
+        )
     console.print(table)
 
 

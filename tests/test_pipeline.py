@@ -66,6 +66,12 @@ def test_ct_series_becomes_valid_seg_and_sr(node, tmp_path):
 
     (job,) = _wait_job(node, "done")
     assert job["model"] == "ct-tissue" and job["device"] == "cpu"
+    def models_loaded():
+        rows = node.json("models")
+        return any(row["loaded"] for row in rows) and {row["name"]: row for row in rows}
+
+    models = node.wait_for(models_loaded, what="a worker reporting its loaded model")
+    assert models["ct-tissue"]["loaded"] and "(cpu)" in models["ct-tissue"]["loaded_in"][0]
     detail = node.json("job", "show", str(job["id"]))
     assert all(detail[f"{stage}_seconds"] is not None for stage in ("load", "inference", "write"))
     kinds = {result["kind"]: result for result in detail["results"]}

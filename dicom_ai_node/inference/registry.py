@@ -50,6 +50,10 @@ class ModelRegistry:
         self.configs = configs
         self._loaded: dict[str, Model] = {}
 
+    def loaded(self) -> dict[str, str]:
+        """Model name -> device, for the models this process holds warm."""
+        return {name: str(model.device) for name, model in self._loaded.items()}
+
     def get(self, name: str) -> Model:
         if name not in self._loaded:
             self._loaded[name] = self._load(name)

@@ -8,6 +8,7 @@ ends `skipped` (the series cannot form a volume for this model) or `failed`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -128,6 +129,7 @@ class Worker:
         """Work until `stop`, or until the parent node died (e.g. kill -9): an orphan must not keep working."""
         log.info("worker %s ready (models: %s)", self.name, ", ".join(self.config.models))
         while not stop.is_set():
+            self._report_loaded_models()
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("worker %s: the node process is gone; exiting", self.name)
                 break
@@ -138,7 +140,42 @@ class Worker:
                 busy = False
             if not busy:
                 stop.wait(self.config.workers.poll_seconds)
+        self._status_path.unlink(missing_ok=True)
         self.engine.dispose()
+
+    @property
+    def _status_path(self) -> Path:
+        return worker_status_folder(self.config) / f"{self.name.replace(':', '-')}.json"
+
+    def _report_loaded_models(self) -> None:
+        """Tell `dicom-ai-node models` which models this worker holds warm (a file beside the storage)."""
+        status = {"worker": self.name, "models": self.models.loaded(), "updated_at": time.time()}
+        try:
+            self._status_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self._status_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(status))
+            temporary.replace(self._status_path)
+        except OSError:  # informational only: never stop a worker over it
+            log.debug("could not write %s", self._status_path, exc_info=True)
+
+
+def worker_status_folder(config: Config) -> Path:
+    return config.storage.path / ".workers"
+
+
+def loaded_models(config: Config, fresh_seconds: float = 60.0) -> dict[str, list[str]]:
+    """Model name -> ["host:pid (device)", ...] over the workers that reported recently."""
+    held: dict[str, list[str]] = {}
+    for path in sorted(worker_status_folder(config).glob("*.json")):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if time.time() - status.get("updated_at", 0) > fresh_seconds:
+            continue  # a worker that stopped or died
+        for name, device in status.get("models", {}).items():
+            held.setdefault(name, []).append(f"{status['worker']} ({device})")
+    return held
 
 
 def worker_main(config_path: Path | None, parent_pid: int | None = None) -> None:
