@@ -86,7 +86,7 @@ class BuiltinCTModel:
             raise ValueError(f"expected a non-empty (slices, rows, columns) volume, got shape {volume.pixels.shape}")
         axes = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
         spacing = np.linalg.norm(axes, axis=0)[::-1]  # affine columns are (i, j, k); pixels are (k, j, i)
-        voxel_ml = abs(float(np.linalg.det(axes))) / 1000.0
+        voxel_ml = volume.voxel_volume_ml
         if not np.all(np.isfinite(spacing)) or voxel_ml <= 0:
             raise ValueError("the volume's affine has a degenerate voxel size")
         factor = tuple(min(n, max(1, round(self.CELL_MM / s))) for n, s in zip(volume.pixels.shape, spacing))

@@ -74,7 +74,7 @@ def build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=segmentation.algorithm_name, version=segmentation.algorithm_version
     )
-    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = volume.voxel_volume_ml
     intensity = _INTENSITY.get(volume.modality)
     groups = []
     for segment, mask in zip(segmentation.segments, segmentation.masks):

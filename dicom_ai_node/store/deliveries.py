@@ -43,7 +43,6 @@ class ClaimedDelivery:
     series_instance_uid: str
     calling_ae_title: str | None  # of the source series: where `origin` sends back to
     files: list[Path]
-    sop_instance_uids: list[str]
 
 
 def backoff_seconds(failures: int, settings: DeliverySection) -> float:
@@ -149,7 +148,7 @@ class DeliveryQueue:
             .where(Delivery.id == delivery_id)
         ).one()
         results = connection.execute(
-            select(ResultObject.file_path, ResultObject.sop_instance_uid)
+            select(ResultObject.file_path)
             .where(ResultObject.job_id == row.job_id)
             .order_by(ResultObject.id)
         ).all()
@@ -164,7 +163,6 @@ class DeliveryQueue:
             series_instance_uid=row.series_instance_uid,
             calling_ae_title=calling,
             files=[self.storage_root / r.file_path for r in results],
-            sop_instance_uids=[r.sop_instance_uid for r in results],
         )
 
     def record(self, delivery: ClaimedDelivery, outcome: Outcome) -> DeliveryState:
