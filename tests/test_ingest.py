@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -16,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
 
-from conftest import storescu
+from conftest import PEER_ENV, dcmtk, storescu
 
 from dicom_ai_node.phantom import CTPhantom
 
@@ -234,6 +236,48 @@ def test_parallel_associations(node, tmp_path):
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     counts = {row["StudyInstanceUID"]: row["NumberOfStudyRelatedInstances"] for row in node.json("studies")}
     assert counts == {p.study_uid: 12 for p in phantoms}
+
+
+def test_sender_killed_mid_series_leaves_only_whole_instances(node, ct_200, small_ct):
+    """A scanner that dies mid-transfer: what was acknowledged is whole and indexed, the rest is not there."""
+    phantom, paths = ct_200
+    sender = subprocess.Popen(
+        [dcmtk("storescu"), "-aet", "DYING", "-aec", "AI_NODE", "127.0.0.1", str(node.port), *map(str, paths)],
+        env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(_stored_files(node)) < 20:  # polled closely: the whole series takes under a second
+        assert time.monotonic() < deadline and sender.poll() is None, "the sender did not get going"
+        time.sleep(0.005)
+    sender.kill()
+    sender.wait()
+    time.sleep(1)  # let the node notice the dropped connection
+
+    indexed = _study(node, phantom.study_uid)["NumberOfStudyRelatedInstances"]
+    files = _stored_files(node)
+    assert 20 <= indexed < 200 and len(files) == indexed
+    assert not list(node.storage.rglob("*.tmp"))
+    sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    for stored in files:
+        assert _dataset_bytes(stored) == _dataset_bytes(sources[stored.stem])
+
+    other, other_paths = small_ct  # the node carries on: the next sender is served as usual
+    assert storescu(node.port, *other_paths).returncode == 0
+    assert _study(node, other.study_uid)["NumberOfStudyRelatedInstances"] == 8
+
+
+def test_association_aborted_by_the_sender(node, small_ct):
+    phantom, paths = small_ct
+    ae = AE("ABORTER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AI_NODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(pydicom.dcmread(paths[0])).Status == 0x0000
+    assoc.abort()
+    assert storescu(node.port, *paths[1:]).returncode == 0
+    assert _study(node, phantom.study_uid)["NumberOfStudyRelatedInstances"] == 8
+    node.wait_for(lambda: "ABORTER" in node.log_path.read_text() and "aborted" in node.log_path.read_text(),
+                  timeout=10, what="the abort in the log")
 
 
 def test_unsupported_sop_class_is_refused_and_logged(node):

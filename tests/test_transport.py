@@ -1,0 +1,25 @@
+"""The tuned pynetdicom acceptor (ingest/transport.py); its behaviour on the wire is covered by test_ingest."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from dicom_ai_node.ingest.transport import store_success_command
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4.5", "1.2.3.4.56", "2.25.1234567890123456789012345678901234567"])
+def test_success_response_is_what_pynetdicom_encodes(sop_instance_uid):
+    """Odd and even UID lengths: the hand-built command must match pynetdicom's encoding byte for byte."""
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 65535
+    response.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    response.AffectedSOPInstanceUID = sop_instance_uid
+    response.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+
+    expected = encode(message.command_set, True, True)
+    assert store_success_command(65535, "1.2.840.10008.5.1.4.1.1.2", sop_instance_uid) == expected
