@@ -43,12 +43,14 @@ class Node:
             for name, source in config.sources.items()
         ]
         self._stop = threading.Event()
+        self._completion_resumes = 0.0  # time.monotonic() before which no series completes
         self._stages = threading.Thread(target=self._advance_forever, name="series-stages", daemon=True)
         self._workers: list[multiprocessing.process.BaseProcess] = []
 
     def advance(self) -> None:
         """One pass of the stages that follow receiving: completion, then routing."""
-        complete_stable_series(self.index, self.config.series.stable_seconds)
+        if time.monotonic() >= self._completion_resumes:
+            complete_stable_series(self.index, self.config.series.stable_seconds)
         route_complete_series(self.queue, self.config.routes)
 
     def _advance_forever(self) -> None:
@@ -66,7 +68,8 @@ class Node:
         resent = self.deliveries.requeue_interrupted()
         if resent:
             log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
-        self.advance()  # series left waiting by a previous run
+        self._hold_interrupted_series()
+        self.advance()  # series a previous run left complete but not yet routed
         self._stages.start()
         self.delivery.start()
         if self.config.workers.processes:
@@ -75,6 +78,32 @@ class Node:
         self.web.start()
         for puller in self.pullers:
             puller.start()
+
+    def _hold_interrupted_series(self) -> None:
+        """Give series the last run was still receiving a fresh `stable_seconds` from now.
+
+        A sender whose transfer the shutdown cut off sends again once the node is
+        back; had its series completed meanwhile from the instances that came
+        before, the re-send would arrive late and the PACS would get two result sets.
+        Series that start arriving after start-up cannot complete sooner anyway.
+        """
+        interrupted = self.index.receiving_series()
+        if not interrupted:
+            return
+        stable = self.config.series.stable_seconds
+        self._completion_resumes = time.monotonic() + stable
+        log.warning("%d series were still receiving when the node last stopped: they complete no sooner "
+                    "than %.0f s (series.stable_seconds) from now, so their senders can resume",
+                    len(interrupted), stable)
+        for study_uid, series_uid in interrupted:
+            self.index.record_event(
+                "receiving-interrupted",
+                f"series {series_uid} was still receiving when the node stopped; it completes no sooner than "
+                f"{stable:g} s after the restart, so the sender can send the rest",
+                level="warning",
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+            )
 
     def _start_workers(self) -> None:
         from dicom_ai_node.inference.worker import worker_main  # torch & co. load in the workers, not here

@@ -75,7 +75,7 @@ def test_ct_200_slices_indexed_durably_and_completed(node, ct_200):
     assert "200 instance(s)" in events[1]["message"]
 
 
-def test_duplicate_resend_is_idempotent(node, small_ct):
+def test_duplicate_resend_is_idempotent(node, small_ct, tmp_path):
     phantom, paths = small_ct
     assert storescu(node.port, *paths).returncode == 0
     assert storescu(node.port, *paths).returncode == 0  # the whole series again: all Success
@@ -84,6 +84,16 @@ def test_duplicate_resend_is_idempotent(node, small_ct):
     assert series["NumberOfSeriesRelatedInstances"] == len(paths)
     assert series["duplicates_received"] == len(paths)
     assert len(_stored_files(node)) == len(paths)
+
+    # The same SOP Instance UID with other content: Success, and the first copy is what stays.
+    changed = pydicom.dcmread(paths[0])
+    changed.PatientName = "Someone^Else"
+    changed.save_as(tmp_path / "changed.dcm")
+    assert storescu(node.port, tmp_path / "changed.dcm").returncode == 0
+    stored = node.storage / phantom.study_uid / phantom.series_uid / f"{changed.SOPInstanceUID}.dcm"
+    assert _dataset_bytes(stored) == _dataset_bytes(paths[0])
+    assert _series(node, phantom.study_uid)[0]["duplicates_received"] == len(paths) + 1
+    assert not list(node.storage.rglob("*.tmp"))
 
 
 def test_rejected_calling_and_called_ae_titles(node_factory, small_ct):
@@ -173,9 +183,11 @@ def test_restart_while_receiving_loses_nothing(node_factory, tmp_path):
 
     assert storescu(node.port, *paths[:5]).returncode == 0
     node.stop(signal.SIGKILL)  # no goodbye: the state must already be in the database
+    time.sleep(7)  # down for longer than stable_seconds: the series must not complete at start-up
     node.start()
+    time.sleep(1)  # several completion passes (check_interval_seconds)
     assert _study(node, phantom.study_uid)["state"] == "receiving"
-    assert storescu(node.port, *paths[5:]).returncode == 0
+    assert storescu(node.port, *paths[5:]).returncode == 0  # the sender sends the rest once the node is back
 
     node.wait_for(lambda: _study(node, phantom.study_uid)["state"] in DONE_RECEIVING, what="completion after restart")
     (series,) = _series(node, phantom.study_uid)
@@ -190,7 +202,8 @@ def test_restart_while_receiving_loses_nothing(node_factory, tmp_path):
     node.start()
     node.wait_for(lambda: _study(node, other.study_uid)["state"] in DONE_RECEIVING, what="completion of a killed series")
     kinds = [e["kind"] for e in node.json("events", "--study", phantom.study_uid)]
-    assert kinds == ["receiving", "complete", "routed"]
+    assert kinds == ["receiving", "receiving-interrupted", "complete", "routed"]
+    assert "still receiving when the node last stopped" in node.log()
 
 
 def test_late_instance_reopens_series_for_reprocessing(node, small_ct):

@@ -23,3 +23,25 @@ def test_success_response_is_what_pynetdicom_encodes(sop_instance_uid):
 
     expected = encode(message.command_set, True, True)
     assert store_success_command(65535, "1.2.840.10008.5.1.4.1.1.2", sop_instance_uid) == expected
+
+
+def test_supported_contexts_copy_like_pynetdicom_copies_them():
+    """Each association deep-copies the supported contexts; the copies must equal pynetdicom's own."""
+    import copy
+
+    from pynetdicom import AE
+
+    from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+    from dicom_ai_node.ingest.transport import SharedUIDContext
+
+    ae = AE()
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    originals = ae.supported_contexts
+    shared = [SharedUIDContext.of(context) for context in originals]
+
+    copies, reference = copy.deepcopy(shared), copy.deepcopy(originals)
+    assert [vars(c) for c in copies] == [vars(c) for c in reference]
+    # Negotiation may change a copy's lists; the server's own must stay as they were.
+    copies[0].transfer_syntax.clear()
+    assert shared[0].transfer_syntax == originals[0].transfer_syntax

@@ -41,11 +41,13 @@ class Receiver:
     """The receive path; the file is written and the row committed concurrently.
 
     Both must be done before the instance counts as received, so they overlap
-    (an fsync and a database commit each wait on the disk).  The row may thus
-    briefly exist before its file: a duplicate is therefore an instance whose
-    row AND file exist, and if the file cannot be written the row is removed
-    again.  Readers never race this window: a series is processed only once it
-    has been quiet for `stable_seconds`.
+    (an fsync and a database commit each wait on the disk).  Neither side asks
+    first whether the instance is already stored: the INSERT reports a
+    duplicate row, and the file is linked into place only if none is there, so
+    the first copy is kept and a row whose file was lost gets it back.  If the
+    file cannot be written the new row is removed again.  Readers never race
+    this window: a series is processed only once it has been quiet for
+    `stable_seconds`.
     """
 
     def __init__(self, index: Index, store: InstanceStore, concurrency: int = 16) -> None:
@@ -70,32 +72,41 @@ class Receiver:
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
-            existing_series = self.index.stored_series_id(header.sop_instance_uid)
-            if existing_series is not None and self.store.absolute(relative).exists():
-                self.index.record_duplicate(existing_series)
-                log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
-                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
             data = part10()
             self.store.check_space(len(data))
         except DiskFull as exc:
+            if self._already_stored(header, relative):  # a re-send needs no space
+                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
             return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), sender, header)
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", sender, header)
-        writing = self._files.submit(self.store.write_instance, relative, data)
+        writing = self._files.submit(self.store.write_instance, relative, data, False)
         try:
             outcome = self.index.record_instance(header, sender, relative, len(data))
         except Exception as exc:  # database down or broken: the sender must keep its copy
             log.exception("indexing %s failed", header.sop_instance_uid)
-            _settle(writing)  # a file without a row is rewritten when the sender tries again
+            _settle(writing)  # a file without a row is indexed when the sender tries again
             return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
         try:
             writing.result()
         except OSError as exc:
+            if outcome is Outcome.DUPLICATE and self.store.absolute(relative).exists():
+                return Received(SUCCESS, "", header, outcome)  # the first copy is whole and indexed
             if outcome is not Outcome.DUPLICATE:
                 self.index.forget_instance(header.sop_instance_uid)
             reason = exc.strerror if isinstance(exc, DiskFull) else f"cannot write the instance: {exc}"
             return self._refuse(OUT_OF_RESOURCES, reason or str(exc), sender, header)
+        if outcome is Outcome.DUPLICATE:
+            log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
         return Received(SUCCESS, "", header, outcome, len(data))
+
+    def _already_stored(self, header: InstanceHeader, relative: str) -> bool:
+        """True (and counted as a duplicate) if the instance's row and file both exist."""
+        series_id = self.index.stored_series_id(header.sop_instance_uid)
+        if series_id is None or not self.store.absolute(relative).exists():
+            return False
+        self.index.record_duplicate(series_id)
+        return True
 
     def _refuse(
         self,

@@ -2,7 +2,7 @@
 
 A C-STORE is answered Success only after `write_instance` returns, so the bytes
 must survive a power cut at that point: write to a temporary name, fsync the
-file, rename over the final name, fsync the directory.  A crash at any step
+file, rename (or link) it to the final name, fsync the directory.  A crash at any step
 leaves either nothing or a stray `.tmp` file, never a half-written instance.
 """
 
@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 _LENIENT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -65,14 +66,19 @@ class InstanceStore:
                 f"storage.min_free_mb = {self.min_free_bytes // 2**20} MiB",
             )
 
-    def write_instance(self, relative: str, data: bytes | memoryview) -> None:
-        """Durably write `data` at `relative`; raises DiskFull on ENOSPC."""
+    def write_instance(self, relative: str, data: bytes | memoryview, replace: bool = True) -> bool:
+        """Durably write `data` at `relative`; raises DiskFull on ENOSPC.
+
+        With `replace=False` a file already at `relative` is kept (the first copy
+        of an instance wins) and False is returned.
+        """
         self.check_space(len(data))
         final = self.root / relative
         directory = final.parent
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = final.with_name(final.name + ".tmp")
+        # Unique per thread: two associations may deliver the same instance at once.
+        temporary = final.with_name(f"{final.name}.{threading.get_ident()}.tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
@@ -83,7 +89,11 @@ class InstanceStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temporary, final)
+            placed = True
+            if replace:
+                os.replace(temporary, final)
+            else:
+                placed = _link_unless_present(temporary, final)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -93,6 +103,26 @@ class InstanceStore:
         if created:  # the new series (and maybe study) folder must survive too
             _fsync_directory(directory.parent)
             _fsync_directory(directory.parent.parent)
+        return placed
+
+
+def _link_unless_present(temporary: Path, final: Path) -> bool:
+    """Give `temporary` the name `final` unless that exists; the temporary name goes either way."""
+    try:
+        os.link(temporary, final)  # atomic, and refuses to replace
+        placed = True
+    except FileExistsError:
+        placed = False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        if final.exists():  # a filesystem without hard links
+            placed = False
+        else:
+            os.replace(temporary, final)
+            return True
+    os.unlink(temporary)
+    return placed
 
 
 def _fsync_directory(path: Path) -> None:

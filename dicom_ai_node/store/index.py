@@ -108,7 +108,11 @@ class Index:
         self._find_series = select(_series.c.id).where(
             _series.c.series_instance_uid == bindparam("series_instance_uid")
         )
-        self._add_instance = self._insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        # RETURNING says whether a row went in on both databases (rowcount does not with
+        # PostgreSQL, where SQLAlchemy adds RETURNING for the primary key anyway).
+        self._add_instance = (
+            self._insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(_instances.c.id)
+        )
         self._touch_receiving_series = (
             update(_series)
             .where(_series.c.id == bindparam("series_id"), _series.c.state == SeriesState.RECEIVING.value)
@@ -160,8 +164,8 @@ class Index:
                     "calling_host": sender.host,
                     "source": sender.source,
                 },
-            ).rowcount
-            if not inserted:  # a concurrent association stored it first
+            ).first()
+            if inserted is None:  # stored before, or by a concurrent association just now
                 _count_duplicate(connection, series_id)
                 return Outcome.DUPLICATE
             if created:
@@ -295,6 +299,16 @@ class Index:
             sop_instance_uid=header.sop_instance_uid,
             calling_ae_title=sender.ae_title,
         )
+
+    def receiving_series(self) -> list[tuple[str, str]]:
+        """(study, series) UIDs of the series still receiving."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(_studies.c.study_instance_uid, _series.c.series_instance_uid)
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_series.c.state == SeriesState.RECEIVING.value)
+            ).all()
+        return [(row.study_instance_uid, row.series_instance_uid) for row in rows]
 
     def complete_stable_series(self, stable_seconds: float) -> list[CompletedSeries]:
         """Mark every series with no new instance for `stable_seconds` as complete.
