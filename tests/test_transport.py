@@ -1,4 +1,7 @@
-"""The tuned pynetdicom acceptor (ingest/transport.py); its behaviour on the wire is covered by test_ingest."""
+"""The tuned pynetdicom acceptor (ingest/transport.py) and the first-copy-wins file placement it relies on.
+
+Behaviour on the wire is covered by test_ingest, with dcmtk and pynetdicom as peers.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +48,25 @@ def test_supported_contexts_copy_like_pynetdicom_copies_them():
     # Negotiation may change a copy's lists; the server's own must stay as they were.
     copies[0].transfer_syntax.clear()
     assert shared[0].transfer_syntax == originals[0].transfer_syntax
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_first_copy_of_an_instance_is_kept(tmp_path, monkeypatch, hard_links):
+    """Ingest never replaces a stored file, also on filesystems without hard links (SMB shares, some NAS)."""
+    import errno
+    import os
+
+    from dicom_ai_node.store.files import InstanceStore
+
+    if not hard_links:
+        def no_links(*_args, **_kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    store = InstanceStore(tmp_path, min_free_bytes=0)
+    store.write_instance("1/2/3.dcm", b"first", replace=False)
+    store.write_instance("1/2/3.dcm", b"second", replace=False)
+    assert (tmp_path / "1/2/3.dcm").read_bytes() == b"first"
+    store.write_instance("1/2/3.dcm", b"result, re-made", replace=True)  # results are rewritten in place
+    assert (tmp_path / "1/2/3.dcm").read_bytes() == b"result, re-made"
+    assert sorted(p.name for p in (tmp_path / "1/2").iterdir()) == ["3.dcm"]

@@ -80,7 +80,7 @@ class Receiver:
             return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), sender, header)
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", sender, header)
-        writing = self._files.submit(self.store.write_instance, relative, data, False)
+        writing = self._files.submit(self.store.write_instance, relative, data, replace=False)
         try:
             outcome = self.index.record_instance(header, sender, relative, len(data))
         except Exception as exc:  # database down or broken: the sender must keep its copy

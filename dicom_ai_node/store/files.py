@@ -2,8 +2,9 @@
 
 A C-STORE is answered Success only after `write_instance` returns, so the bytes
 must survive a power cut at that point: write to a temporary name, fsync the
-file, rename (or link) it to the final name, fsync the directory.  A crash at any step
-leaves either nothing or a stray `.tmp` file, never a half-written instance.
+file, rename (or link) it to the final name, fsync the directory.  A crash at
+any step leaves either nothing or a stray `.tmp` file, never a half-written
+instance.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ class InstanceStore:
                 f"storage.min_free_mb = {self.min_free_bytes // 2**20} MiB",
             )
 
-    def write_instance(self, relative: str, data: bytes | memoryview, replace: bool = True) -> bool:
+    def write_instance(self, relative: str, data: bytes | memoryview, replace: bool = True) -> None:
         """Durably write `data` at `relative`; raises DiskFull on ENOSPC.
 
-        With `replace=False` a file already at `relative` is kept (the first copy
-        of an instance wins) and False is returned.
+        With `replace=False` a file already at `relative` is kept: the first copy
+        of an instance wins.
         """
         self.check_space(len(data))
         final = self.root / relative
@@ -89,11 +90,10 @@ class InstanceStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            placed = True
             if replace:
                 os.replace(temporary, final)
             else:
-                placed = _link_unless_present(temporary, final)
+                _link_unless_present(temporary, final)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -103,26 +103,21 @@ class InstanceStore:
         if created:  # the new series (and maybe study) folder must survive too
             _fsync_directory(directory.parent)
             _fsync_directory(directory.parent.parent)
-        return placed
 
 
-def _link_unless_present(temporary: Path, final: Path) -> bool:
+def _link_unless_present(temporary: Path, final: Path) -> None:
     """Give `temporary` the name `final` unless that exists; the temporary name goes either way."""
     try:
         os.link(temporary, final)  # atomic, and refuses to replace
-        placed = True
     except FileExistsError:
-        placed = False
+        pass
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
-        if final.exists():  # a filesystem without hard links
-            placed = False
-        else:
+        if not final.exists():  # a filesystem without hard links
             os.replace(temporary, final)
-            return True
+            return
     os.unlink(temporary)
-    return placed
 
 
 def _fsync_directory(path: Path) -> None:
