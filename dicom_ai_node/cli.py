@@ -20,6 +20,7 @@ from dicom_ai_node.config import CONFIG_ENV, Config, ConfigError, load_config
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
 from dicom_ai_node.store.db import DatabaseNotReady
+from dicom_ai_node.store.models import Delivery, Job
 
 app = typer.Typer(
     help="dicom-ai-node: a PACS AI node. Receives DICOM, runs models, sends results back.",
@@ -128,14 +129,24 @@ def db_upgrade(config: ConfigOption = None) -> None:
 @app.command()
 @_plain_errors
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Counts by state, disk use and the oldest series still waiting."""
+    """Counts by state, disk use, the oldest series still waiting, what waits and why, the last start-up's repairs."""
     import shutil
 
+    from dicom_ai_node.store.index import refused_waiting
+    from dicom_ai_node.store.jobs import JobQueue
+    from dicom_ai_node.store.reconcile import last_check
+
     settings = load_config(config)
-    report = queries.node_status(_engine(settings))
+    engine = _engine(settings)
+    report = queries.node_status(engine)
     usage = shutil.disk_usage(settings.storage.path) if settings.storage.path.exists() else None
     report["disk_free_bytes"] = usage.free if usage else None
     report["disk_min_free_bytes"] = settings.storage.min_free_mb * 2**20
+    report["disk_results_min_free_bytes"] = settings.storage.results_floor_mb * 2**20
+    report["jobs_waiting_for_disk_space"] = JobQueue(engine, settings.storage.path).waiting_for_space()
+    refused, refused_series = refused_waiting(engine)
+    report["refused_instances_waiting"] = {"instances": refused, "series": refused_series}
+    report["last_start_up"] = last_check(engine)
     if as_json:
         _print_json(report)
         return
@@ -145,9 +156,13 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     for state, count in report["series_by_state"].items():
         table.add_row(f"series {_state(state)}", str(count))
     if usage:
-        low = usage.free < report["disk_min_free_bytes"]
         free = f"{_size(usage.free)} free of {_size(usage.total)}"
-        table.add_row("disk", f"[bold red]{free} - below storage.min_free_mb, refusing stores[/]" if low else free)
+        if usage.free < report["disk_results_min_free_bytes"]:
+            free = (f"[bold red]{free} - below storage.min_free_mb, refusing stores; "
+                    "below results_min_free_mb, results wait[/]")
+        elif usage.free < report["disk_min_free_bytes"]:
+            free = f"[bold red]{free} - below storage.min_free_mb, refusing stores[/] (results use their reserve)"
+        table.add_row("disk", free)
     oldest = report["oldest_waiting_series"]
     table.add_row(
         "oldest waiting",
@@ -155,6 +170,8 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     )
     jobs = report["jobs"]
     waiting = f", oldest queued {jobs['oldest_queued_seconds']} s" if jobs["oldest_queued_seconds"] is not None else ""
+    if report["jobs_waiting_for_disk_space"]:
+        waiting += f" ([red]{report['jobs_waiting_for_disk_space']} waiting for disk space[/])"
     table.add_row(
         "jobs",
         ", ".join(f"{_state(state)} {count}" for state, count in jobs.items() if state != "oldest_queued_seconds")
@@ -167,8 +184,15 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         ", ".join(f"{_state(k)} {v}" for k, v in deliveries.items() if k != "oldest_undelivered_seconds")
         + (f", oldest undelivered {stuck} s" if stuck is not None else ""),
     )
+    if refused:
+        table.add_row("refused", f"[yellow]{refused} refused instance(s) waiting to be re-sent[/] "
+                                 f"({refused_series} series; see: dicom-ai-node series STUDY_UID)")
     failures = report["failures_last_24h"]
     table.add_row("failures (24 h)", f"[red]{failures}[/] (see: dicom-ai-node events)" if failures else "0")
+    start_up = report["last_start_up"]
+    if start_up:
+        color = "yellow" if start_up["level"] == "warning" else "white"
+        table.add_row("last start-up", f"{start_up['at']}: [{color}]{start_up['message']}[/]")
     console.print(table)
 
 
@@ -480,12 +504,24 @@ def retry(
     kind, number = _parse_id(target)
     if kind == "job":
         if not jobs_queue.retry(number):
+            if not _exists(engine, Job, number):
+                raise NodeError(f"no job {number} (see: dicom-ai-node jobs)")
             raise NodeError(f"job {number} is not failed, skipped or cancelled (see: dicom-ai-node job show {number})")
         console.print(f"job {number} queued again")
     else:
         if not delivery_queue.retry(number):
+            if not _exists(engine, Delivery, number):
+                raise NodeError(f"no delivery {number} (see: dicom-ai-node deliveries)")
             raise NodeError(f"delivery {number} is not failed or dead (see: dicom-ai-node deliveries)")
         console.print(f"delivery {number} will be sent again now")
+
+
+def _exists(engine, table: type[Job] | type[Delivery], row_id: int) -> bool:
+    """Tells "there is no such job/delivery" apart from "it is in a state that cannot be retried"."""
+    from sqlalchemy import select
+
+    with engine.connect() as connection:
+        return connection.execute(select(table.id).where(table.id == row_id)).first() is not None
 
 
 @app.command()

@@ -22,12 +22,12 @@ from dicom_ai_node.web.settings import WebSection
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # default character repertoire, no backslash
 
 
 def _check_ae_title(value: str) -> str:
     value = value.strip()
-    if not _AE_TITLE.match(value):
+    if not _AE_TITLE.fullmatch(value):
         raise ValueError("an AE title is 1 to 16 printable ASCII characters, no backslash")
     return value
 
@@ -47,34 +47,111 @@ class NodeSection(_Section):
 
 
 class AllowedCaller(_Section):
-    """A sender allowed to open associations; `host` pins it to one address."""
+    """A sender allowed to open associations; `host` pins it to one address, `tls_subject` to a certificate."""
 
     ae_title: AETitle
     host: str | None = None
+    # "CN=ct1.hospital.local" or "CN=ct1,O=Hospital": every attribute given must be in the subject of the
+    # client certificate the sender presented on the TLS port (which then needs a client certificate).
+    tls_subject: str | None = None
+
+    @field_validator("tls_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            subject_attributes(value)
+        return value
+
+
+def subject_attributes(subject: str) -> frozenset[tuple[str, str]]:
+    """("CN", "ct1"), ... of a subject written as in RFC 4514 ("CN=ct1,O=Hospital"); ValueError if it is not."""
+    attributes = set()
+    for part in re.split(r"(?<!\\),", subject):
+        name, equals, value = part.partition("=")
+        if not equals or not name.strip() or not value.strip():
+            raise ValueError(f"{subject!r} is not a subject such as CN=ct1.hospital.local,O=Hospital")
+        attributes.add((name.strip().upper(), value.strip().replace("\\,", ",")))
+    return frozenset(attributes)
+
+
+class DimseTLS(_Section):
+    """DICOM TLS (PS3.15 Annex B, BCP 195 profile: TLS 1.2 or newer, forward-secret AEAD ciphers) on its own port."""
+
+    port: int = Field(2762, ge=1, le=65535)  # IANA's dicom-tls port
+    cert_file: Path  # the node's certificate (PEM), chain included
+    key_file: Path
+    ca_file: Path | None = None  # CAs that sign the senders' client certificates
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> DimseTLS:
+        if self.require_client_certificate and self.ca_file is None:
+            raise ValueError("require_client_certificate needs ca_file (the CA that signs the senders' certificates)")
+        return self
 
 
 class DimseSection(_Section):
     bind: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
+    plain: bool = True  # false: only the TLS port ([dimse.tls]) listens
+    tls: DimseTLS | None = None
     max_associations: int = Field(10, ge=1, le=1000)
-    max_pdu_size: int = Field(0, ge=0, description="0 means unlimited")
+    max_associations_per_host: int = Field(0, ge=0, le=1000)  # 0 = only max_associations applies
+    # TCP connections that have not sent an association request yet (idle, slow, or not DICOM at all).
+    max_pending_connections: int = Field(32, ge=1, le=1000)
+    # Bounds the memory one PDU can take; 0 = unlimited (a peer may then send PDUs of up to 4 GiB).
+    max_pdu_size: int = Field(1 << 20, ge=0)
+    # Largest dataset one C-STORE may carry; it is held in memory while it arrives.
+    max_dataset_mb: int = Field(2048, ge=1, le=1 << 20)
     require_called_ae_title: bool = True
     allowed_callers: list[AllowedCaller] = []
-    acse_timeout_seconds: float = Field(30.0, gt=0)
+    # A new connection must have sent its whole association request within this time.
+    acse_timeout_seconds: float = Field(10.0, gt=0)
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("max_pdu_size")
     @classmethod
     def _pdu(cls, value: int) -> int:
-        if value and value < 4096:
-            raise ValueError("must be 0 (unlimited) or at least 4096 bytes")
+        if value and not 4096 <= value < 1 << 32:
+            raise ValueError("must be 0 (unlimited) or from 4096 bytes to 4 GiB")
         return value
+
+    @model_validator(mode="after")
+    def _listeners(self) -> DimseSection:
+        if not self.plain and self.tls is None:
+            raise ValueError("plain = false needs [dimse.tls]: the node would not listen at all")
+        if self.tls is not None and self.plain and self.tls.port == self.port:
+            raise ValueError("tls.port must differ from port (or set plain = false)")
+        needs_certificate = [caller.ae_title for caller in self.allowed_callers if caller.tls_subject]
+        if needs_certificate and (self.tls is None or self.tls.ca_file is None):
+            raise ValueError(
+                f"allowed_callers with tls_subject ({', '.join(needs_certificate)}) need [dimse.tls] with ca_file"
+            )
+        return self
 
 
 class StorageSection(_Section):
     path: Path = Path("var/storage")
     min_free_mb: int = Field(1024, ge=0)
+    # Results (SEG, SR) may fill the disk down to this floor, below min_free_mb, so arrivals never
+    # starve the results of what was already received.  Unset: a quarter of min_free_mb.
+    results_min_free_mb: int | None = Field(None, ge=0)
+    # Largest dataset a Deflated Explicit VR Little Endian instance may inflate to (a few KB can inflate to
+    # gigabytes); one whose image description promises less is held to that.
+    max_inflated_mb: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _results_floor(self) -> StorageSection:
+        if self.results_min_free_mb is not None and self.results_min_free_mb > self.min_free_mb:
+            raise ValueError(f"results_min_free_mb ({self.results_min_free_mb}) must not be above min_free_mb "
+                             f"({self.min_free_mb}): it is the reserve results may use after arrivals stop")
+        return self
+
+    @property
+    def results_floor_mb(self) -> int:
+        """`results_min_free_mb`, or its default: a quarter of `min_free_mb`."""
+        return self.min_free_mb // 4 if self.results_min_free_mb is None else self.results_min_free_mb
 
 
 class DatabaseSection(_Section):
@@ -91,6 +168,9 @@ class DatabaseSection(_Section):
 class SeriesSection(_Section):
     stable_seconds: float = Field(60.0, gt=0)
     check_interval_seconds: float = Field(1.0, gt=0, le=60)
+    # A series with instances refused for a transient reason (0xA700, 0x0110) waits this long after
+    # the last refusal for the sender to re-send them, then completes with what it has (warning event).
+    refused_wait_seconds: float = Field(3600.0, gt=0)
 
 
 class Peer(_Section):
@@ -122,7 +202,7 @@ class ModelConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
@@ -274,7 +354,7 @@ class Config(_Section):
                   ("sources", self.sources))
         for table, names in tables:
             for name in names:
-                if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                     raise ValueError(f"{table}.{name}: names use letters, digits, '-' and '_'")
         for name in self.sources:
             if len(name) > 16:  # pulled instances record it as their sender's AE title
@@ -339,10 +419,22 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         name: model.model_copy(update={"path": model.path and _absolute(model.path, base)})
         for name, model in config.models.items()
     }
+    dimse = config.dimse
+    if dimse.tls is not None:
+        tls = dimse.tls.model_copy(update={
+            key: _absolute(getattr(dimse.tls, key), base)
+            for key in ("cert_file", "key_file", "ca_file") if getattr(dimse.tls, key) is not None
+        })
+        dimse = dimse.model_copy(update={"tls": tls})
+    web = config.web.model_copy(update={
+        key: _absolute(getattr(config.web, key), base)
+        for key in ("tls_cert_file", "tls_key_file", "tls_ca_file") if getattr(config.web, key) is not None
+    })
     log_file = config.logging.file and _absolute(config.logging.file, base)
     logging = config.logging.model_copy(update={"file": log_file})
     return config.model_copy(
-        update={"storage": storage, "database": database, "logging": logging, "models": models}
+        update={"storage": storage, "database": database, "logging": logging, "models": models, "dimse": dimse,
+                "web": web}
     )
 
 

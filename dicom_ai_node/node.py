@@ -16,11 +16,12 @@ from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
 from dicom_ai_node.routing.router import route_complete_series
 from dicom_ai_node.series.completion import complete_stable_series
-from dicom_ai_node.store.deliveries import DeliveryQueue
 from dicom_ai_node.store.db import make_engine, require_current_schema
+from dicom_ai_node.store.deliveries import DeliveryQueue
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.store.jobs import JobQueue
+from dicom_ai_node.store.reconcile import reconcile
 from dicom_ai_node.web.server import WebServer
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,17 @@ class Node:
         self.engine = make_engine(config.database.url)
         require_current_schema(self.engine)
         self.index = Index(self.engine)
-        self.store = InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
+        self.store = InstanceStore(
+            config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
+        )
         self.queue = JobQueue(self.engine, config.storage.path)
         self.deliveries = DeliveryQueue(self.engine, config.storage.path, config.delivery)
         self.delivery = DeliveryRunner(config, self.deliveries)
         self.scp = StorageSCP(config, self.index, self.store)
-        self.web = WebServer(config, self.engine, self.index, self.store)
+        self.web = WebServer(config, self.engine, self.index, self.store, self.scp.admission.counts)
         self.pullers = [
-            OrthancPuller(name, source, config, self.engine, Receiver(self.index, self.store))
+            OrthancPuller(name, source, config, self.engine,
+                          Receiver(self.index, self.store, max_inflated_bytes=config.storage.max_inflated_mb * 2**20))
             for name, source in config.sources.items()
         ]
         self._stop = threading.Event()
@@ -50,7 +54,7 @@ class Node:
     def advance(self) -> None:
         """One pass of the stages that follow receiving: completion, then routing."""
         if time.monotonic() >= self._completion_resumes:
-            complete_stable_series(self.index, self.config.series.stable_seconds)
+            complete_stable_series(self.index, self.config.series)
         route_complete_series(self.queue, self.config.routes)
 
     def _advance_forever(self) -> None:
@@ -62,6 +66,7 @@ class Node:
                 log.exception("series stages failed; retrying in %.1f s", interval)
 
     def start(self) -> None:
+        reconcile(self.engine, self.config.storage.path, self._max_in_flight())  # before anyone is served
         requeued = self.queue.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)
@@ -78,6 +83,11 @@ class Node:
         self.web.start()
         for puller in self.pullers:
             puller.start()
+
+    def _max_in_flight(self) -> int:
+        """How many instances can be being written at once: one per association, per source, per STOW thread."""
+        stow_threads = 40 if self.config.web.enabled else 0  # anyio's default worker threads, which STOW-RS uses
+        return self.config.dimse.max_associations + len(self.config.sources) + stow_threads
 
     def _hold_interrupted_series(self) -> None:
         """Give series the last run was still receiving a fresh `stable_seconds` from now.
@@ -117,19 +127,25 @@ class Node:
             self._workers.append(process)
 
     def stop(self) -> None:
-        """Drain: no new associations, running jobs and sends get the grace period, then exit."""
+        """Drain within `node.shutdown_grace_seconds`, all of it: then whatever still runs is cut off.
+
+        No new connections; open associations, running jobs and sends share the
+        grace period; then associations are aborted (senders send again),
+        workers killed (their jobs re-run at the next start) and sends left
+        `sending` (sent again at the next start, with the same UIDs).
+        """
         grace = self.config.node.shutdown_grace_seconds
-        log.info("stopping: no new associations; up to %.0f s for running jobs and deliveries", grace)
-        self.scp.stop()
-        self.web.stop()
-        for puller in self.pullers:
-            puller.stop()
+        deadline = time.monotonic() + grace
+        log.info("stopping: no new associations; up to %.0f s for open associations, jobs and deliveries", grace)
+        self.scp.stop_accepting()
         self._stop.set()
-        self._stages.join(timeout=10)
+        self.web.stop(deadline)
+        for puller in self.pullers:
+            puller.stop(timeout=max(0.0, deadline - time.monotonic()))
         for process in self._workers:
             process.terminate()  # a worker finishes its current job, then exits
-        deadline = time.monotonic() + grace
-        self.delivery.stop(grace)
+        self.delivery.stop(deadline)
+        self.scp.drain(deadline)
         for process in self._workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
@@ -137,6 +153,7 @@ class Node:
                             process.name, grace)
                 process.kill()
                 process.join()
+        self._stages.join(timeout=max(0.0, deadline - time.monotonic()))
         self.engine.dispose()
         log.info("stopped")
 
@@ -158,3 +175,20 @@ def serve(config: Config) -> None:
     )
     stop.wait()
     node.stop()
+    _exit_now_if_threads_linger()
+
+
+def _exit_now_if_threads_linger() -> None:
+    """End the process even if a thread outlives the grace period.
+
+    pynetdicom's association threads are not daemon threads, so an association
+    to a destination that never answers would otherwise hold the interpreter
+    until its own timeout.  Everything it was doing is recorded as unfinished
+    in the database and is done again after the next start.
+    """
+    lingering = [thread.name for thread in threading.enumerate()
+                 if thread is not threading.main_thread() and thread.is_alive() and not thread.daemon]
+    if lingering:
+        log.warning("exiting with %d thread(s) still running, cut off: %s", len(lingering), ", ".join(lingering))
+        logging.shutdown()
+        os._exit(0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the tests need (dcmtk, Orthanc and Chromium from Debian, the OHIF viewer from npm,
+# Install what the tests need (dcmtk, Orthanc, Chromium and openssl from Debian, the OHIF viewer from npm,
 # the Python packages into ./.venv), make sure PostgreSQL answers on 127.0.0.1:5432, and run the
 # whole test suite.  Arguments go to pytest.
 set -euo pipefail
@@ -10,6 +10,7 @@ missing=()
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/openssl ] || missing+=(openssl)  # makes the test certificates for DICOM TLS and HTTPS
 if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   # Orthanc's own service is not used: the tests start Orthanc with configurations of their own.

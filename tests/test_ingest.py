@@ -114,9 +114,11 @@ def test_rejected_calling_and_called_ae_titles(node_factory, small_ct):
     assert allowed.returncode == 0, allowed.stderr
     reasons = [e["message"] for e in node.json("events") if e["kind"] == "association-rejected"]
     assert reasons == [
-        "calling AE title 'INTRUDER' is not in dimse.allowed_callers",
-        "called AE title 'SOMEONE_ELSE' is not this node's 'AI_NODE'",
-        "calling AE title 'PINNED' is allowed only from 10.9.8.7, not from 127.0.0.1",
+        "association from INTRUDER@127.0.0.1 rejected: calling AE title 'INTRUDER' is not in dimse.allowed_callers",
+        "association from CT_SCANNER@127.0.0.1 rejected: called AE title 'SOMEONE_ELSE' is not this node's "
+        "'AI_NODE'",
+        "association from PINNED@127.0.0.1 rejected: calling AE title 'PINNED' is allowed only from 10.9.8.7, "
+        "not from 127.0.0.1",
     ]
     assert "INTRUDER@127.0.0.1 rejected" in node.log()
     assert len(_stored_files(node)) == 1

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -84,3 +88,45 @@ def test_part10_file_meta_matches_pydicom(source_ae):
     if source_ae:
         meta.SourceApplicationEntityTitle = source_ae
     assert built == b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + dataset
+
+
+def _deflate(*chunks: bytes) -> bytes:
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"".join([deflater.compress(chunk) for chunk in chunks] + [deflater.flush()])
+
+
+def _pixel_data_header(length: int) -> bytes:
+    """An explicit VR little endian Pixel Data (OW) element header claiming `length` bytes."""
+    return struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
+
+
+def test_deflate_bomb_refused_at_what_its_image_description_allows():
+    """A 512x512 slice whose pixel data inflates to 1 GiB: refused near 64 MiB, the bytes never all inflated."""
+    ds = CTPhantom(slices=1, rows=512, columns=512).dataset(0)
+    del ds.PixelData
+    zeros = bytes(1 << 20)
+    bomb = _deflate(_encode(ds) + _pixel_data_header(1 << 30), *[zeros] * 1024)
+    with pytest.raises(RejectedDataset, match="far more than the image it describes") as refused:
+        parse_header(bomb, DeflatedExplicitVRLittleEndian)
+    assert refused.value.status == 0xC210
+
+
+def test_large_deflated_object_without_pixels_is_held_only_to_the_configured_cap():
+    """An Encapsulated PDF of 70 MiB is not a bomb: only storage.max_inflated_mb applies to it."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.1", "1.2.3.2", "1.2.3.3"
+    ds.Modality = "DOC"
+    document = struct.pack("<HH2sHI", 0x0042, 0x0011, b"OB", 0, 70 << 20)  # Encapsulated Document
+    deflated = _deflate(_encode(ds) + document, *[bytes(1 << 20)] * 70)
+    assert parse_header(deflated, DeflatedExplicitVRLittleEndian).sop_instance_uid == "1.2.3.1"
+    with pytest.raises(RejectedDataset, match=r"storage.max_inflated_mb") as refused:
+        parse_header(deflated, DeflatedExplicitVRLittleEndian, max_inflated_bytes=32 << 20)
+    assert refused.value.status == 0xA700
+
+
+def test_truncated_deflate_stream_is_refused():
+    ds = CTPhantom(slices=1, rows=16, columns=16).dataset(0)
+    deflated = _deflate(_encode(ds))
+    with pytest.raises(RejectedDataset, match="deflated stream ends before its end marker"):
+        parse_header(deflated[: len(deflated) // 2], DeflatedExplicitVRLittleEndian)

@@ -18,7 +18,7 @@ from pydicom.dataset import FileMetaDataset
 
 from dicom_ai_node.phantom import CTPhantom
 from dicom_ai_node.web.app import Authenticator, AuthError
-from dicom_ai_node.web.dicomweb import parse_media_type, parse_multipart
+from dicom_ai_node.web.dicomweb import parse_media_type, parse_multipart, read_range
 from dicom_ai_node.web.settings import WebSection
 
 TOKEN = secrets.token_urlsafe(24)
@@ -75,7 +75,8 @@ def stow(node: NodeProcess, blobs: list[bytes], path: str = "/studies", headers=
 
 def parts_of(response: requests.Response) -> list[bytes]:
     _, params = parse_media_type(response.headers["content-type"])
-    return [bytes(part.content) for part in parse_multipart(response.content, params["boundary"])]
+    body = BytesIO(response.content)
+    return [read_range(body, part.start, part.end - part.start) for part in parse_multipart(body, params["boundary"])]
 
 
 def small_ct(folder: Path, **kwargs) -> list[Path]:
@@ -238,7 +239,7 @@ def test_probes_and_metrics(web_node: NodeProcess, tmp_path: Path):
     files = small_ct(tmp_path / "ct")
     assert stow(web_node, [path.read_bytes() for path in files]).status_code == 200
     size = sum(path.stat().st_size for path in files)
-    metrics = requests.get(root(web_node) + "/metrics").text
+    metrics = requests.get(root(web_node) + "/metrics", headers=AUTH).text
     assert 'dicom_ai_node_instances_stored{calling_ae_title="ohif",source="stow"} 6.0' in metrics
     assert f'dicom_ai_node_bytes_stored{{calling_ae_title="ohif",source="stow"}} {float(size)}' in metrics
     assert 'dicom_ai_node_stow_instances_total{client="ohif",outcome="stored"} 6.0' in metrics
@@ -282,7 +283,7 @@ def test_node_seg_of_a_processed_ct_is_a_series_of_its_study(node_factory, tmp_p
     (metadata,) = requests.get(value(seg_instance, RETRIEVE_URL) + "/metadata", headers=AUTH).json()
     assert "52009230" in metadata  # PerFrameFunctionalGroupsSequence, which a viewer needs to place the frames
     assert 'dicom_ai_node_job_seconds_count{model="ct-tissue",stage="total"} 1.0' in (
-        requests.get(root(node) + "/metrics").text
+        requests.get(root(node) + "/metrics", headers=AUTH).text
     )
 
 

@@ -3,14 +3,16 @@
 Network-bound, so threads in the node process are enough.  Each delivery is
 one association / request for all its objects; a destination that is down
 only delays its own deliveries (they are rescheduled with backoff, not retried
-in a loop).
+in a loop).  The sender threads are daemon threads: a destination that hangs
+must not hold the node past its shutdown grace period (the delivery stays
+`sending` and is sent again after the next start).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
 
 from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.delivery.outcome import Outcome
@@ -26,8 +28,7 @@ class DeliveryRunner:
     def __init__(self, config: Config, queue: DeliveryQueue) -> None:
         self.config = config
         self.queue = queue
-        self._pool = ThreadPoolExecutor(config.delivery.concurrent, thread_name_prefix="delivery")
-        self._running: set[Future] = set()
+        self._running: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="delivery-dispatch", daemon=True)
@@ -35,30 +36,31 @@ class DeliveryRunner:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, grace_seconds: float) -> None:
-        """Stop claiming; give sends under way `grace_seconds` to finish (the rest are re-sent after restart)."""
+    def stop(self, deadline: float) -> None:
+        """Stop claiming; sends under way may finish until `deadline` (time.monotonic()), the rest are re-sent later."""
         self._stop.set()
-        self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             running = list(self._running)
-        for future in running:
-            try:
-                future.result(timeout=grace_seconds)
-            except Exception:  # already logged by the task; a timeout leaves it `sending` for the next start
-                pass
+        for thread in running:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        unfinished = sum(thread.is_alive() for thread in running)
+        if unfinished:
+            log.warning("%d delivery(ies) still sending at the end of the grace period: sent again after the next start",
+                        unfinished)
 
     def dispatch_once(self) -> int:
         with self._lock:
-            self._running = {future for future in self._running if not future.done()}
+            self._running = {thread for thread in self._running if thread.is_alive()}
             free = self.config.delivery.concurrent - len(self._running)
         if free <= 0:
             return 0
         claimed = self.queue.claim_due(free)
         for delivery in claimed:
-            future = self._pool.submit(self._deliver, delivery)
+            thread = threading.Thread(target=self._deliver, args=(delivery,), name=f"delivery-{delivery.id}", daemon=True)
             with self._lock:
-                self._running.add(future)
+                self._running.add(thread)
+            thread.start()
         return len(claimed)
 
     def _loop(self) -> None:

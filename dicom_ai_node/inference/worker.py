@@ -3,7 +3,8 @@
 Runs in its own process (started by `serve`, or alone with `dicom-ai-node worker`),
 so a long inference never slows the DICOM receiver.  A job that cannot succeed
 ends `skipped` (the series cannot form a volume for this model) or `failed`
-(anything else), always with a reason an admin can act on.
+(anything else), always with a reason an admin can act on.  A job whose results
+find no disk space is neither: it waits, queued, until the disk has room again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dicom_ai_node.results.sr import build_sr
 from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
 from dicom_ai_node.store.db import make_engine
-from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.files import DiskFull, InstanceStore
 from dicom_ai_node.store.jobs import ClaimedJob, JobQueue, StageTimes, StoredResult
 from dicom_ai_node.store.models import JobState
 
@@ -43,14 +44,16 @@ class Worker:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.engine = make_engine(config.database.url)
-        self.store = InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
+        self.store = InstanceStore(
+            config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
+        )
         self.queue = JobQueue(self.engine, config.storage.path)
         self.models = ModelRegistry(config.models)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run_once(self) -> ClaimedJob | None:
         """Claim and run one job; None when the queue is empty."""
-        job = self.queue.claim(self.name, list(self.config.models))
+        job = self.queue.claim(self.name, list(self.config.models), self.store.free_bytes())
         if job is not None:
             self.run(job)
         return job
@@ -73,6 +76,10 @@ class Worker:
         except VolumeError as exc:
             log.warning("job %d (%s) skipped: %s", job.id, job.model, exc)
             self.queue.fail(job, JobState.SKIPPED, f"series cannot form a volume: {exc}", StageTimes(**times), device)
+            return
+        except DiskFull as exc:
+            log.warning("job %d (%s) waits for disk space: %s", job.id, job.model, exc.strerror)
+            self.queue.wait_for_space(job, exc.strerror or str(exc), exc.needed_free_bytes, StageTimes(**times), device)
             return
         except ModelUnavailable as exc:
             log.error("job %d failed: %s", job.id, exc)

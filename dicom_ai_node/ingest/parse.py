@@ -43,17 +43,79 @@ class RejectedDataset(ValueError):
 
 CANNOT_UNDERSTAND = 0xC210
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
+OUT_OF_RESOURCES = 0xA700
+
+DEFAULT_MAX_INFLATED_BYTES = 256 << 20  # storage.max_inflated_mb
+# A deflated dataset inflates at most to its pixel data (as its own header describes it) plus this much:
+# room for the other elements, however large an SR or an icon sequence gets.
+_INFLATED_BEYOND_PIXELS = 64 << 20
+_INFLATE_STEP = 1 << 20
 
 
-def parse_header(raw: bytes, transfer_syntax: str, affected_sop_instance_uid: str | None = None) -> InstanceHeader:
+def inflate(raw: bytes, max_bytes: int) -> bytearray:
+    """Inflate a Deflated Explicit VR Little Endian dataset step by step, refusing a compression bomb.
+
+    A few kilobytes can inflate to gigabytes, so output is produced one MiB at
+    a time and stops at a cap: `max_bytes` (storage.max_inflated_mb), or less
+    when the first MiB describes the image (Rows x Columns x Samples x Bits
+    Allocated x Frames), since a dataset is hardly bigger than its pixel data.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = bytearray(inflater.decompress(raw, _INFLATE_STEP))
+        described = _described_size(bytes(data)) if inflater.unconsumed_tail else 0
+        # Only an image description lowers the cap: objects without pixels (a PDF, an SR, a mesh) may be large.
+        capped_by_description = bool(described) and described + _INFLATED_BEYOND_PIXELS < max_bytes
+        cap = described + _INFLATED_BEYOND_PIXELS if capped_by_description else max_bytes
+        while inflater.unconsumed_tail and len(data) <= cap:
+            data += inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP)
+        if len(data) <= cap:
+            data += inflater.flush()
+    except zlib.error as exc:
+        raise RejectedDataset(CANNOT_UNDERSTAND, f"deflated dataset cannot be inflated: {exc}") from None
+    if len(data) > cap and capped_by_description:
+        raise RejectedDataset(
+            CANNOT_UNDERSTAND,
+            f"deflated dataset inflates past {cap >> 20} MiB, far more than the image it describes: refused "
+            "(a compression bomb?)",
+        )
+    if len(data) > cap:
+        raise RejectedDataset(
+            OUT_OF_RESOURCES, f"deflated dataset inflates past {cap >> 20} MiB (storage.max_inflated_mb): refused"
+        )
+    if not inflater.eof:
+        raise RejectedDataset(CANNOT_UNDERSTAND, "dataset truncated: the deflated stream ends before its end marker")
+    return data
+
+
+def _described_size(head: bytes) -> int:
+    """Pixel data size the image description in `head` (the start of a dataset) implies.
+
+    0 when there is none, or when `head` (one step of output) ends before it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag >= PIXEL_DATA)
+            if "Rows" not in ds:
+                return 0
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            bits = int(ds.BitsAllocated)
+            return int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8
+        except Exception:  # pydicom raises many types for a cut-off or malformed header
+            return 0
+
+
+def parse_header(
+    raw: bytes,
+    transfer_syntax: str,
+    affected_sop_instance_uid: str | None = None,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+) -> InstanceHeader:
     """Check `raw` (a dataset as sent, without file meta) and extract the index fields."""
     ts = UID(transfer_syntax)
-    data = raw
-    if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompress(raw, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise RejectedDataset(CANNOT_UNDERSTAND, f"deflated dataset cannot be inflated: {exc}") from None
+    data = inflate(raw, max_inflated_bytes) if ts == DeflatedExplicitVRLittleEndian else raw
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -8,12 +8,14 @@ audit trail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
+from dicom_ai_node.ingest.parse import DEFAULT_MAX_INFLATED_BYTES, RejectedDataset, parse_header
 from dicom_ai_node.store.files import DiskFull, InstanceStore
 from dicom_ai_node.store.index import Index, InstanceHeader, Outcome, Sender
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
+# Refusals the sender is expected to recover from by sending again: its series waits for them.
+TRANSIENT = (OUT_OF_RESOURCES, PROCESSING_FAILURE)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,33 @@ class Received:
         return self.status == SUCCESS
 
 
+class _KeyedLocks:
+    """One lock per key in use (a SOP Instance UID), dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+
+# Process-wide: C-STORE, STOW-RS and the Orthanc pull each have a Receiver, and may all
+# deliver the same instance at once.
+_arrivals = _KeyedLocks()
+
+
 class Receiver:
     """The receive path; the file is written and the row committed concurrently.
 
@@ -48,11 +79,22 @@ class Receiver:
     file cannot be written the new row is removed again.  Readers never race
     this window: a series is processed only once it has been quiet for
     `stable_seconds`.
+
+    Two arrivals of one SOP Instance UID (two senders, or a sender and a
+    re-send) take turns, so the row and the kept file always describe the same
+    copy; different instances never wait for each other.
     """
 
-    def __init__(self, index: Index, store: InstanceStore, concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        index: Index,
+        store: InstanceStore,
+        concurrency: int = 16,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    ) -> None:
         self.index = index
         self.store = store
+        self.max_inflated_bytes = max_inflated_bytes
         self._files = ThreadPoolExecutor(concurrency, thread_name_prefix="instance-write")
 
     def receive(
@@ -65,9 +107,13 @@ class Receiver:
     ) -> Received:
         """Ingest one instance: `dataset` as sent (no File Meta), `part10()` the file to store."""
         try:
-            header = parse_header(dataset, transfer_syntax, affected_sop_instance_uid)
+            header = parse_header(dataset, transfer_syntax, affected_sop_instance_uid, self.max_inflated_bytes)
         except RejectedDataset as exc:
             return self._refuse(exc.status, str(exc), sender, None, affected_sop_instance_uid)
+        with _arrivals.hold(header.sop_instance_uid):
+            return self._receive(header, part10, sender)
+
+    def _receive(self, header: InstanceHeader, part10: Callable[[], bytes | memoryview], sender: Sender) -> Received:
         try:
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
@@ -85,10 +131,14 @@ class Receiver:
             outcome = self.index.record_instance(header, sender, relative, len(data))
         except Exception as exc:  # database down or broken: the sender must keep its copy
             log.exception("indexing %s failed", header.sop_instance_uid)
-            _settle(writing)  # a file without a row is indexed when the sender tries again
+            _settle(writing)  # a file without a row is replaced when the sender tries again
             return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
         try:
-            writing.result()
+            placed = writing.result()
+            if not placed and outcome is not Outcome.DUPLICATE:
+                # A file no row described (left by a crash or a failed index): never acknowledged,
+                # so the copy the new row describes takes its place.
+                self.store.write_instance(relative, data)
         except OSError as exc:
             if outcome is Outcome.DUPLICATE and self.store.absolute(relative).exists():
                 return Received(SUCCESS, "", header, outcome)  # the first copy is whole and indexed
@@ -97,8 +147,18 @@ class Receiver:
             reason = exc.strerror if isinstance(exc, DiskFull) else f"cannot write the instance: {exc}"
             return self._refuse(OUT_OF_RESOURCES, reason or str(exc), sender, header)
         if outcome is Outcome.DUPLICATE:
+            if placed:  # the row's file was missing, or the copy names another study or series
+                self._settle_duplicate(header, sender, relative, len(data))
             log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
         return Received(SUCCESS, "", header, outcome, len(data))
+
+    def _settle_duplicate(self, header: InstanceHeader, sender: Sender, relative: str, size: int) -> None:
+        """A duplicate whose file went into place: make the row describe it, or take it away again."""
+        if self.index.describe_copy(header, sender, relative, size):
+            log.warning("instance %s had lost its file; the copy from %s is stored in its place",
+                        header.sop_instance_uid, sender)
+        else:  # the first copy sits under another study or series: it stays the only one
+            self.store.absolute(relative).unlink(missing_ok=True)
 
     def _already_stored(self, header: InstanceHeader, relative: str) -> bool:
         """True (and counted as a duplicate) if the instance's row and file both exist."""
@@ -118,16 +178,20 @@ class Receiver:
     ) -> Received:
         sop = header.sop_instance_uid if header else sop_instance_uid
         log.error("instance %s from %s refused (0x%04X): %s", sop or "?", sender, code, reason)
+        message = f"instance {sop or '?'} from {sender} refused with status 0x{code:04X}: {reason}"
         try:
-            self.index.record_event(
-                "store-failed",
-                f"instance {sop or '?'} from {sender} refused with status 0x{code:04X}: {reason}",
-                level="error",
-                study_instance_uid=header.study_instance_uid if header else None,
-                series_instance_uid=header.series_instance_uid if header else None,
-                sop_instance_uid=sop,
-                calling_ae_title=sender.ae_title,
-            )
+            if header is not None and code in TRANSIENT:  # its series waits for the re-send
+                self.index.record_refusal(header, sender, code, reason, message)
+            else:
+                self.index.record_event(
+                    "store-failed",
+                    message,
+                    level="error",
+                    study_instance_uid=header.study_instance_uid if header else None,
+                    series_instance_uid=header.series_instance_uid if header else None,
+                    sop_instance_uid=sop,
+                    calling_ae_title=sender.ae_title,
+                )
         except Exception:  # the audit trail must not turn a clear refusal into a crash
             log.exception("could not record the refusal in the audit trail")
         return Received(code, reason, header, None)

@@ -9,6 +9,8 @@ node's audit trail; the association stays open for the next instance.
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 import threading
 import time
 import weakref
@@ -19,20 +21,26 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from dicom_ai_node.config import Config
+from dicom_ai_node.config import Config, DimseTLS
+from dicom_ai_node.ingest.admission import REJECT_CONGESTION, REJECT_LOCAL_LIMIT, Admission, Refusal
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
-from dicom_ai_node.ingest.receive import SUCCESS, Receiver
 from dicom_ai_node.ingest.part10 import part10
-from dicom_ai_node.ingest.policy import AssociationPolicy
-from dicom_ai_node.ingest.transport import start_acceptor
+from dicom_ai_node.ingest.policy import AssociationPolicy, Rejection, certificate_subject, describe_subject
+from dicom_ai_node.ingest.receive import SUCCESS, Receiver
+from dicom_ai_node.ingest.transport import GuardedServer, start_acceptor
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index, Outcome, Sender
+from dicom_ai_node.tls import apply_bcp195
 
 log = logging.getLogger(__name__)
 
 # Presentation context results, PS3.8 §9.3.3.2.
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 _TRANSFER_SYNTAX_NOT_SUPPORTED = 0x04
+# Admission counts association slots itself; pynetdicom's own count includes bare connections.
+_PYNETDICOM_LIMIT_OFF = 1 << 30
+# After the grace period, aborted associations get this long to close before shutdown goes on.
+_ABORT_SECONDS = 1.0
 
 
 @dataclass
@@ -48,7 +56,8 @@ class _AssociationTally:
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
-    status.ErrorComment = comment[:64]  # LO: at most 64 characters
+    # LO: at most 64 characters, no backslash (a value separator) and no control characters.
+    status.ErrorComment = re.sub(r"[\\\x00-\x1f\x7f]", "?", comment)[:64]
     return status
 
 
@@ -56,7 +65,9 @@ class StorageSCP:
     def __init__(self, config: Config, index: Index, store: InstanceStore) -> None:
         self.config = config
         self.index = index
-        self.receiver = Receiver(index, store, concurrency=config.dimse.max_associations)
+        self.receiver = Receiver(
+            index, store, config.dimse.max_associations, config.storage.max_inflated_mb * 2**20
+        )
         self.policy = AssociationPolicy(
             our_ae_title=config.node.ae_title,
             require_called_ae_title=config.dimse.require_called_ae_title,
@@ -64,13 +75,21 @@ class StorageSCP:
         )
         self._tallies: weakref.WeakKeyDictionary[Association, _AssociationTally] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._server = None
+        dimse = config.dimse
+        self.admission = Admission(
+            max_pending=dimse.max_pending_connections,
+            max_associations=dimse.max_associations,
+            max_per_host=dimse.max_associations_per_host,
+            record=self._record_refusal,
+        )
+        self._servers: list[GuardedServer] = []
+        self._stopping = False
         self.ae = self._application_entity()
 
     def _application_entity(self) -> AE:
         dimse = self.config.dimse
         ae = AE(ae_title=self.config.node.ae_title)
-        ae.maximum_associations = dimse.max_associations
+        ae.maximum_associations = _PYNETDICOM_LIMIT_OFF
         ae.maximum_pdu_size = dimse.max_pdu_size
         ae.acse_timeout = dimse.acse_timeout_seconds
         ae.dimse_timeout = dimse.dimse_timeout_seconds
@@ -90,34 +109,105 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        address = (self.config.dimse.bind, self.config.dimse.port)
-        self._server = start_acceptor(self.ae, address, handlers)
-        log.info(
-            "DICOM SCP %s listening on %s:%d (max %d associations)",
-            self.config.node.ae_title,
-            *address,
-            self.config.dimse.max_associations,
-        )
+        dimse = self.config.dimse
+        listeners: list[tuple[int, ssl.SSLContext | None]] = [(dimse.port, None)] if dimse.plain else []
+        if dimse.tls is not None:
+            listeners.append((dimse.tls.port, server_tls_context(dimse.tls)))
+        for port, tls in listeners:
+            self._servers.append(
+                start_acceptor(self.ae, (dimse.bind, port), handlers, self.admission, dimse.max_dataset_mb << 20, tls)
+            )
+            log.info(
+                "DICOM SCP %s listening on %s:%d%s (max %d associations)",
+                self.config.node.ae_title,
+                dimse.bind,
+                port,
+                " with TLS" if tls else "",
+                dimse.max_associations,
+            )
 
-    def stop(self) -> None:
-        """Stop accepting associations and close the listening socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; open associations go on (see `drain`), new requests are turned away."""
+        self._stopping = True
+        for server in self._servers:
+            server.shutdown()
+        self._servers.clear()
+
+    def drain(self, deadline: float) -> None:
+        """Let open associations finish until `deadline` (time.monotonic()), then abort the rest.
+
+        A sender cut off by the A-ABORT sees a failed association and sends the
+        rest again later; what it was told Success for is stored and indexed.  A
+        store in progress is finished first, unless it takes more than a second.
+        """
+        waiting, admitted = self.admission.open_connections()
+        for connection in waiting:  # connected but never asked: nothing to finish
+            connection.dul.socket.close()
+        while admitted and time.monotonic() < deadline:
+            time.sleep(0.05)
+            _, admitted = self.admission.open_connections()
+        if not admitted:
+            return
+        log.warning("%d association(s) still open after the grace period: aborted", len(admitted))
+        for association in admitted:
+            association.abort_when_idle()
+        cut_off = time.monotonic() + _ABORT_SECONDS
+        for association in admitted:
+            association.join(timeout=max(0.0, cut_off - time.monotonic()))
+        for association in admitted:
+            if association.is_alive():  # a store that did not finish: its sender never got Success
+                association.dul.socket.close()
+
+    def _record_refusal(self, refusal: Refusal, unrecorded: int) -> None:
+        """Write a refusal to the audit trail; it is already logged, and a database that fails must not undo it."""
+        more = f" ({unrecorded} more like it in the last minute, logged but not recorded)" if unrecorded else ""
+        try:
+            self.index.record_event(
+                refusal.kind, refusal.reason + more, level="warning", calling_ae_title=refusal.calling_ae_title
+            )
+        except Exception:
+            log.exception("could not record in the audit trail: %s", refusal.reason)
 
     def _on_requested(self, event: evt.Event) -> None:
-        request = event.assoc.requestor.primitive
-        calling, called = request.calling_ae_title, request.called_ae_title
-        host = event.assoc.requestor.address
-        rejection = self.policy.check(called, calling, host)
-        if rejection is None:
-            return
-        log.warning("association from %s@%s rejected: %s", calling, host, rejection.reason)
-        self.index.record_event(
-            "association-rejected", rejection.reason, level="warning", calling_ae_title=calling.strip()[:16]
-        )
-        event.assoc.acse.send_reject(*rejection.result_source_diagnostic)
-        event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ first
+        """Accept, or reject with the reason.
+
+        pynetdicom swallows a handler's exceptions and then accepts the
+        association, so this handler fails closed: whatever goes wrong in it
+        rejects the association.
+        """
+        association = event.assoc
+        try:
+            rejected = self._rejection(association)
+        except Exception:
+            log.exception("association request from %s could not be checked: rejected", association.requestor.address)
+            self.admission.closed(association)
+            rejected = REJECT_LOCAL_LIMIT
+        if rejected is not None:
+            association.acse.send_reject(*rejected)
+            association.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ first
+
+    def _rejection(self, association: Association) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason) to answer."""
+        request = association.requestor.primitive
+        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        host = association.requestor.address
+        sock = association.dul.socket.socket
+        subject = certificate_subject(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else None
+        rejection = self.policy.check(called, calling, host, subject)
+        if self._stopping:
+            rejection = Rejection("the node is shutting down", REJECT_CONGESTION)
+        if rejection is not None:
+            self.admission.closed(association)
+            self.admission.refuse(Refusal(
+                "association-rejected", host, f"association from {calling}@{host} rejected: {rejection.reason}",
+                calling[:16],
+            ))
+            return rejection.result_source_diagnostic
+        if self.admission.request(association, host, calling) is not None:
+            return REJECT_LOCAL_LIMIT
+        if subject is not None:
+            log.info("association from %s@%s: TLS client certificate %s", calling, host, describe_subject(subject))
+        return None
 
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -155,6 +245,7 @@ class StorageSCP:
             log.info("%s: presentation context for %s not accepted", sender, sop_class.name)
 
     def _on_closed(self, event: evt.Event) -> None:
+        self.admission.closed(event.assoc)
         with self._lock:
             tally = self._tallies.pop(event.assoc, None)
         if tally is None:
@@ -211,3 +302,19 @@ class StorageSCP:
             tally.stored += 1
             tally.bytes += received.size
         return SUCCESS
+
+
+def server_tls_context(tls: DimseTLS) -> ssl.SSLContext:
+    """The TLS listener's context: BCP 195 (TLS 1.2+, forward-secret AEAD), client certificates per the config."""
+    context = apply_bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"dimse.tls: cannot load cert_file {tls.cert_file} with key_file {tls.key_file}: {exc}") from None
+    if tls.ca_file is not None:
+        try:
+            context.load_verify_locations(tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"dimse.tls: cannot load ca_file {tls.ca_file}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return context

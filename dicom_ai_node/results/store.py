@@ -11,11 +11,12 @@ from dicom_ai_node.store.jobs import StoredResult
 
 
 def store_result(store: InstanceStore, kind: str, dataset: Dataset) -> StoredResult:
+    """Write one result; it may use the disk down to the results' floor (raises DiskFull below it)."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     data = buffer.getbuffer()
     relative = store.relative_path(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
-    store.write_instance(relative, data)
+    store.write_instance(relative, data, results=True)
     return StoredResult(
         kind=kind,
         sop_class_uid=str(dataset.SOPClassUID),

@@ -2,20 +2,23 @@
 
 DICOM has no "end of series" message, so like Orthanc's StableAge the node
 waits for quiet.  The clock is the `last_received_at` column, not memory, so a
-restart in the middle of receiving still completes the series.
+restart in the middle of receiving still completes the series.  Quiet is not
+enough when instances of the series were refused for a transient reason: the
+series waits for their re-send (up to `series.refused_wait_seconds`).
 """
 
 from __future__ import annotations
 
 import logging
 
+from dicom_ai_node.config import SeriesSection
 from dicom_ai_node.store.index import CompletedSeries, Index
 
 log = logging.getLogger(__name__)
 
 
-def complete_stable_series(index: Index, stable_seconds: float) -> list[CompletedSeries]:
-    completed = index.complete_stable_series(stable_seconds)
+def complete_stable_series(index: Index, settings: SeriesSection) -> list[CompletedSeries]:
+    completed = index.complete_stable_series(settings.stable_seconds, settings.refused_wait_seconds)
     for series in completed:
         log.info(
             "series %s of study %s complete: %d instance(s) (%s)%s",

@@ -16,7 +16,7 @@ import shutil
 import threading
 from pathlib import Path
 
-_LENIENT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_LENIENT_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would allow a final "\n"
 
 
 class InvalidUID(ValueError):
@@ -24,7 +24,15 @@ class InvalidUID(ValueError):
 
 
 class DiskFull(OSError):
-    """Free space is below the configured threshold, or the disk ran out mid-write."""
+    """Free space is below the configured threshold, or the disk ran out mid-write.
+
+    `needed_free_bytes` is the free space the write would have needed: a job waiting
+    for room is taken up again only once the disk has that much.
+    """
+
+    def __init__(self, code: int, message: str, needed_free_bytes: int) -> None:
+        super().__init__(code, message)
+        self.needed_free_bytes = needed_free_bytes
 
 
 def validate_uid(uid: str, what: str) -> str:
@@ -33,17 +41,23 @@ def validate_uid(uid: str, what: str) -> str:
     Leading zeros in a component break PS3.5 §9.1 but occur in the wild; they are
     harmless in a path, so they are accepted.
     """
-    if not uid or len(uid) > 64 or not _LENIENT_UID.match(uid):
-        raise InvalidUID(f"{what} {uid!r} is not a valid UID (digits and dots, at most 64 characters)")
+    if not uid or len(uid) > 64 or not _LENIENT_UID.fullmatch(uid):
+        raise InvalidUID(f"{what} is not a valid UID (digits and dots, at most 64 characters): {uid!r}")
     return uid
 
 
 class InstanceStore:
-    """Files under `root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`."""
+    """Files under `root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`.
 
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    Received instances stop at `min_free_bytes`; results (SEG, SR) may go down to
+    `results_min_free_bytes`, so a disk filled by arrivals still has room for the
+    results of what was already received.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int, results_min_free_bytes: int | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.results_min_free_bytes = min_free_bytes if results_min_free_bytes is None else results_min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -58,22 +72,30 @@ class InstanceStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def check_space(self, incoming: int) -> None:
+    def check_space(self, incoming: int, results: bool = False) -> None:
+        """Raise DiskFull unless `incoming` bytes leave the floor (received instances' or results') free."""
+        floor, key = (
+            (self.results_min_free_bytes, "storage.results_min_free_mb") if results
+            else (self.min_free_bytes, "storage.min_free_mb")
+        )
         free = self.free_bytes()
-        if free - incoming < self.min_free_bytes:
+        if free - incoming < floor:
             raise DiskFull(
                 errno.ENOSPC,
-                f"free disk space {free // 2**20} MiB is below the configured minimum "
-                f"storage.min_free_mb = {self.min_free_bytes // 2**20} MiB",
+                f"free disk space {free // 2**20} MiB is below the configured minimum {key} = {floor // 2**20} MiB",
+                incoming + floor,
             )
 
-    def write_instance(self, relative: str, data: bytes | memoryview, replace: bool = True) -> None:
+    def write_instance(
+        self, relative: str, data: bytes | memoryview, replace: bool = True, results: bool = False
+    ) -> bool:
         """Durably write `data` at `relative`; raises DiskFull on ENOSPC.
 
-        With `replace=False` a file already at `relative` is kept: the first copy
-        of an instance wins.
+        With `replace=False` a file already at `relative` is kept (the first copy
+        of an instance wins) and False is returned; True means `data` is there now.
+        `results` applies the results' floor instead of the received instances'.
         """
-        self.check_space(len(data))
+        self.check_space(len(data), results)
         final = self.root / relative
         directory = final.parent
         created = not directory.exists()
@@ -92,32 +114,40 @@ class InstanceStore:
                 os.close(fd)
             if replace:
                 os.replace(temporary, final)
+                placed = True
             else:
-                _link_unless_present(temporary, final)
+                placed = _link_unless_present(temporary, final)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(exc.errno, f"disk full while writing {relative}") from exc
+                # The floor looked clear but the disk disagreed: wait for more than there is now.
+                floor = self.results_min_free_bytes if results else self.min_free_bytes
+                needed = max(self.free_bytes(), floor) + len(data)
+                raise DiskFull(exc.errno, f"disk full while writing {relative}", needed) from exc
             raise
         _fsync_directory(directory)
         if created:  # the new series (and maybe study) folder must survive too
             _fsync_directory(directory.parent)
             _fsync_directory(directory.parent.parent)
+        return placed
 
 
-def _link_unless_present(temporary: Path, final: Path) -> None:
-    """Give `temporary` the name `final` unless that exists; the temporary name goes either way."""
+def _link_unless_present(temporary: Path, final: Path) -> bool:
+    """Give `temporary` the name `final` unless that exists (False); the temporary name goes either way."""
+    placed = True
     try:
         os.link(temporary, final)  # atomic, and refuses to replace
     except FileExistsError:
-        pass
+        placed = False
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         if not final.exists():  # a filesystem without hard links
             os.replace(temporary, final)
-            return
+            return True
+        placed = False
     os.unlink(temporary)
+    return placed
 
 
 def _fsync_directory(path: Path) -> None:

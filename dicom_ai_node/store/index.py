@@ -15,15 +15,16 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicom_ai_node.store.models import Event, Instance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import Event, Instance, RefusedInstance, Series, SeriesState, Study, utcnow
 
 _studies = Study.__table__
 _series = Series.__table__
 _instances = Instance.__table__
 _events = Event.__table__
+_refused = RefusedInstance.__table__
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,24 @@ def insert_event(connection: Connection, kind: str, message: str, level: str = "
     connection.execute(_events.insert().values(at=utcnow(), level=level, kind=kind, message=message, **uids))
 
 
+def _copy_fields(header: InstanceHeader, sender: Sender, file_size: int, now: dt.datetime) -> dict[str, object]:
+    """The columns of an instance row that describe one received copy of it."""
+    return {
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "image_type": header.image_type,
+        "rows": header.rows,
+        "columns": header.columns,
+        "number_of_frames": header.number_of_frames,
+        "file_size": file_size,
+        "received_at": now,
+        "calling_ae_title": sender.ae_title,
+        "calling_host": sender.host,
+        "source": sender.source,
+    }
+
+
 def _count_duplicate(connection: Connection, series_id: int) -> None:
     connection.execute(
         update(_series).where(_series.c.id == series_id).values(duplicates_received=_series.c.duplicates_received + 1)
@@ -141,6 +160,47 @@ class Index:
         with self._write() as connection:
             _count_duplicate(connection, series_id)
 
+    def describe_copy(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> bool:
+        """Make the row of a stored instance describe the copy now in its file (the row's file was lost).
+
+        False if the row's file is elsewhere (the copy names another study or series): nothing changed.
+        """
+        with self._write() as connection:
+            changed = connection.execute(
+                update(_instances)
+                .where(_instances.c.sop_instance_uid == header.sop_instance_uid, _instances.c.file_path == file_path)
+                .values(**_copy_fields(header, sender, file_size, utcnow()))
+            ).rowcount
+            if changed:
+                self._event(
+                    connection,
+                    "instance-restored",
+                    f"instance {header.sop_instance_uid} had lost its file; the copy {sender} sent again is "
+                    "stored in its place",
+                    header,
+                    sender,
+                    level="warning",
+                )
+        return bool(changed)
+
+    def record_refusal(self, header: InstanceHeader, sender: Sender, status: int, reason: str, message: str) -> None:
+        """Audit a transient refusal and remember it: the series waits for the sender to send the instance again."""
+        values = {
+            "series_instance_uid": header.series_instance_uid,
+            "study_instance_uid": header.study_instance_uid,
+            "status": status,
+            "reason": reason,
+            "calling_ae_title": sender.ae_title,
+            "refused_at": utcnow(),
+        }
+        with self._write() as connection:
+            connection.execute(
+                self._insert(_refused)
+                .values(sop_instance_uid=header.sop_instance_uid, **values)
+                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
+            )
+            self._event(connection, "store-failed", message, header, sender, level="error")
+
     def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> Outcome:
         now = utcnow()
         with self._write() as connection:
@@ -150,19 +210,8 @@ class Index:
                 {
                     "sop_instance_uid": header.sop_instance_uid,
                     "series_id": series_id,
-                    "sop_class_uid": header.sop_class_uid,
-                    "transfer_syntax_uid": header.transfer_syntax_uid,
-                    "instance_number": header.instance_number,
-                    "image_type": header.image_type,
-                    "rows": header.rows,
-                    "columns": header.columns,
-                    "number_of_frames": header.number_of_frames,
                     "file_path": file_path,
-                    "file_size": file_size,
-                    "received_at": now,
-                    "calling_ae_title": sender.ae_title,
-                    "calling_host": sender.host,
-                    "source": sender.source,
+                    **_copy_fields(header, sender, file_size, now),
                 },
             ).first()
             if inserted is None:  # stored before, or by a concurrent association just now
@@ -310,11 +359,16 @@ class Index:
             ).all()
         return [(row.study_instance_uid, row.series_instance_uid) for row in rows]
 
-    def complete_stable_series(self, stable_seconds: float) -> list[CompletedSeries]:
+    def complete_stable_series(self, stable_seconds: float, refused_wait_seconds: float) -> list[CompletedSeries]:
         """Mark every series with no new instance for `stable_seconds` as complete.
 
         The state lives only in the database, so after a restart the same call
-        completes series whose last instance arrived before the restart.
+        completes series whose last instance arrived before the restart.  A
+        series with instances refused for a transient reason (Out of Resources,
+        Processing Failure) waits for the sender to send them again: it is not
+        processed with slices missing.  If they do not come within
+        `refused_wait_seconds` of the last refusal, it completes with what it
+        has, and says so.
         """
         now = utcnow()
         cutoff = now - dt.timedelta(seconds=stable_seconds)
@@ -330,6 +384,7 @@ class Index:
                     _series.c.id,
                     _series.c.series_instance_uid,
                     _series.c.modality,
+                    _series.c.state_reason,
                     _series.c.reprocess_requested,
                     _series.c.late_instances,
                     _studies.c.study_instance_uid,
@@ -338,8 +393,15 @@ class Index:
                 .join(_studies, _studies.c.id == _series.c.study_id)
                 .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
             ).all()
+        refusals = self._outstanding_refusals({row.series_instance_uid for row in candidates}) if candidates else {}
+        give_up = now - dt.timedelta(seconds=refused_wait_seconds)
         completed = []
         for row in candidates:
+            refused = refusals.get(row.series_instance_uid)
+            if refused is not None and refused.last_refused_at >= give_up:
+                self._wait_for_refused(row, refused.count, stable_seconds)
+                continue
+            missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
             with self._write() as connection:
                 changed = connection.execute(
                     update(_series)
@@ -348,17 +410,32 @@ class Index:
                         _series.c.state == SeriesState.RECEIVING.value,
                         _series.c.last_received_at < cutoff,
                     )
-                    .values(state=SeriesState.COMPLETE.value, state_reason=None, completed_at=now)
+                    .values(
+                        state=SeriesState.COMPLETE.value,
+                        state_reason=f"incomplete: {missing}" if missing else None,
+                        completed_at=now,
+                    )
                 ).rowcount
                 if not changed:  # an instance arrived meanwhile
                     continue
+                uids = {"study_instance_uid": row.study_instance_uid, "series_instance_uid": row.series_instance_uid}
+                if missing:  # given up: the event keeps the count
+                    of_series = _refused.c.series_instance_uid == row.series_instance_uid
+                    connection.execute(_refused.delete().where(of_series))
+                    insert_event(
+                        connection,
+                        "series-incomplete",
+                        f"{missing} within series.refused_wait_seconds = {refused_wait_seconds:g} s: the series "
+                        f"completes with the {row.instances} instance(s) it has",
+                        "warning",
+                        **uids,
+                    )
                 note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
                 insert_event(
                     connection,
                     "complete",
                     f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
-                    study_instance_uid=row.study_instance_uid,
-                    series_instance_uid=row.series_instance_uid,
+                    **uids,
                 )
             completed.append(
                 CompletedSeries(
@@ -366,3 +443,65 @@ class Index:
                 )
             )
         return completed
+
+    def _outstanding_refusals(self, series_uids: set[str]) -> dict[str, Row]:
+        """Series UID -> (count, last_refused_at) of its refused instances not stored since.
+
+        Refusals are settled here, off the receive path: one that has been stored
+        since is dropped.  The table is empty unless something was refused.
+        """
+        with self.engine.connect() as connection:
+            held = series_uids & set(connection.execute(select(_refused.c.series_instance_uid).distinct()).scalars())
+            if not held:
+                return {}
+            of_held = _refused.c.series_instance_uid.in_(held)
+            stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
+            settled = connection.execute(select(func.count()).select_from(_refused).where(of_held, stored)).scalar_one()
+        with self._write() as connection:
+            if settled:
+                connection.execute(_refused.delete().where(of_held, stored))
+            rows = connection.execute(
+                select(
+                    _refused.c.series_instance_uid,
+                    func.count().label("count"),
+                    func.max(_refused.c.refused_at).label("last_refused_at"),
+                )
+                .where(of_held)
+                .group_by(_refused.c.series_instance_uid)
+            ).all()
+        return {row.series_instance_uid: row for row in rows}
+
+    def _wait_for_refused(self, series: Row, count: int, stable_seconds: float) -> None:
+        """Say (once per change) why a quiet series is not complete yet."""
+        reason = f"waiting for {count} refused instance(s) to be re-sent"
+        if series.state_reason == reason:
+            return
+        with self._write() as connection:
+            connection.execute(
+                update(_series)
+                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
+                .values(state_reason=reason)
+            )
+            insert_event(
+                connection,
+                "series-waiting",
+                f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
+                "a processing failure) and not sent again; it completes once they arrive, or without them after "
+                "series.refused_wait_seconds",
+                "warning",
+                study_instance_uid=series.study_instance_uid,
+                series_instance_uid=series.series_instance_uid,
+            )
+
+
+def refused_waiting(engine: Engine) -> tuple[int, int]:
+    """(instances, series): refused instances not stored since, of series still receiving."""
+    stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
+    receiving = select(_series.c.series_instance_uid).where(_series.c.state == SeriesState.RECEIVING.value)
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(func.count(), func.count(func.distinct(_refused.c.series_instance_uid))).where(
+                ~stored, _refused.c.series_instance_uid.in_(receiving)
+            )
+        ).one()
+    return row[0], row[1]

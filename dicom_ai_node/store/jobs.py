@@ -2,7 +2,9 @@
 
 Workers are separate processes (possibly on other hosts against PostgreSQL), so
 a job is claimed with one conditional UPDATE: whoever flips it from `queued`
-to `running` owns it.
+to `running` owns it.  A job whose results found no disk space goes back to
+`queued` with the free space it needs; workers pass the free space they see
+when they claim, so it is not taken (and its model not run) again before then.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, or_, select, update
 
 from dicom_ai_node.routing.rules import RouteDecision, SeriesFacts
 from dicom_ai_node.store.deliveries import create_for_job
@@ -142,10 +144,14 @@ class JobQueue:
                 .values(state=JobState.QUEUED.value, error="re-queued: the node stopped while it was running")
             ).rowcount
 
-    def claim(self, worker: str, models: list[str]) -> ClaimedJob | None:
+    def claim(self, worker: str, models: list[str], free_bytes: int | None = None) -> ClaimedJob | None:
+        """Take the oldest queued job; one waiting for disk space only if `free_bytes` is enough for it."""
+        room = _jobs.c.needs_free_bytes.is_(None)
+        if free_bytes is not None:
+            room = or_(room, _jobs.c.needs_free_bytes <= free_bytes)
         next_job = (
             select(_jobs.c.id)
-            .where(_jobs.c.state == JobState.QUEUED.value, _jobs.c.model.in_(models))
+            .where(_jobs.c.state == JobState.QUEUED.value, _jobs.c.model.in_(models), room)
             .order_by(_jobs.c.id)
             .limit(1)
             .scalar_subquery()
@@ -160,6 +166,7 @@ class JobQueue:
                     started_at=utcnow(),
                     finished_at=None,
                     attempts=_jobs.c.attempts + 1,
+                    needs_free_bytes=None,
                 )
                 .returning(_jobs.c.id)
             ).scalar()
@@ -227,6 +234,43 @@ class JobQueue:
                 series_instance_uid=job.series_instance_uid,
             )
 
+    def wait_for_space(
+        self, job: ClaimedJob, reason: str, needed_free_bytes: int, times: StageTimes, device: str | None
+    ) -> None:
+        """Back to `queued` until the disk has `needed_free_bytes` free; not a failure, nothing to retry by hand."""
+        needed_mib = -(-needed_free_bytes // 2**20)
+        error = f"waiting for disk space: {reason}; it runs again once {needed_mib} MiB are free"
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job.id)
+                .values(
+                    state=JobState.QUEUED.value,
+                    error=error,
+                    needs_free_bytes=needed_free_bytes,
+                    load_seconds=times.load,
+                    inference_seconds=times.inference,
+                    device=device,
+                )
+            )
+            insert_event(
+                connection,
+                "job-waiting",
+                f"job {job.id} ({job.model}) {error}",
+                level="warning",
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=job.series_instance_uid,
+            )
+
+    def waiting_for_space(self) -> int:
+        """How many queued jobs wait for disk space."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(func.count()).where(
+                    _jobs.c.state == JobState.QUEUED.value, _jobs.c.needs_free_bytes.is_not(None)
+                )
+            ).scalar_one()
+
     def cancel(self, job_id: int) -> str | None:
         """Cancel a queued (or failed) job; returns the state that prevented it, None on success."""
         with self.engine.begin() as connection:
@@ -247,7 +291,7 @@ class JobQueue:
             return connection.execute(
                 update(_jobs)
                 .where(condition, _jobs.c.state.in_(again))
-                .values(state=JobState.QUEUED.value, error=None, finished_at=None)
+                .values(state=JobState.QUEUED.value, error=None, finished_at=None, needs_free_bytes=None)
             ).rowcount
 
     @staticmethod

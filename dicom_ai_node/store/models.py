@@ -121,6 +121,26 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class RefusedInstance(Base):
+    """An instance refused with a transient status (Out of Resources, Processing Failure).
+
+    The sender still holds it and is expected to send it again; until then its
+    series does not complete (see `Index.complete_stable_series`).  Keyed by
+    UIDs, not by foreign keys: the refused instance may be the first of its series.
+    The row goes once the instance is stored, or when its series gives up waiting.
+    """
+
+    __tablename__ = "refused_instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    refused_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Event(Base):
     """Audit trail: what happened to a study and why, in words an admin can act on.
 
@@ -159,6 +179,9 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # Set while the job waits for disk space: free bytes its results need (its reserve included).
+    # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
+    needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
     load_seconds: Mapped[float | None] = mapped_column(Float)
     inference_seconds: Mapped[float | None] = mapped_column(Float)
     write_seconds: Mapped[float | None] = mapped_column(Float)

@@ -16,12 +16,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_ai_node.config import Config
-from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index, Sender
 from dicom_ai_node.web.dicomweb import (
     DICOM_JSON,
@@ -31,19 +32,23 @@ from dicom_ai_node.web.dicomweb import (
     Query,
     Stow,
     check_stow_content_type,
-    frames,
+    frame_numbers,
     frames_response,
-    instance_metadata,
+    metadata_response,
     parse_multipart,
+    pixel_frames,
     problem_response,
-    read_body,
     retrieve_response,
+    spool_body,
     stow_response,
 )
-from dicom_ai_node.web.metrics import Metrics
+from dicom_ai_node.web.metrics import DicomRefusals, Metrics
 from dicom_ai_node.web.settings import WebSection
 
 log = logging.getLogger(__name__)
+
+# Longest URL served, bytes: a QIDO query listing a hundred UIDs fits, and so does a frame list of 1500 frames.
+_MAX_URL = 8192
 
 
 class AuthError(ValueError):
@@ -53,6 +58,7 @@ class AuthError(ValueError):
 @dataclass(frozen=True)
 class Caller:
     name: str | None  # None: anonymous
+    read: bool
     write: bool
 
 
@@ -65,7 +71,7 @@ class Authenticator:
         self._tokens: list[tuple[bytes, Caller]] = []  # sha256 digests
         self._passwords: dict[str, tuple[bytes, Caller]] = {}
         for client in settings.clients:
-            caller = Caller(client.name, client.write)
+            caller = Caller(client.name, client.read, client.write)
             env = client.token_env or client.password_env
             secret = environ.get(env) if env else None
             if env and not secret:
@@ -78,14 +84,23 @@ class Authenticator:
                 self._passwords[client.name] = (_sha256(secret or ""), caller)
 
     def caller(self, request: Request, write: bool) -> Caller:
-        """Who is calling; raises 401 (no or bad credential) or 403 (read-only client writing)."""
+        """Who is calling; raises 401 (no or bad credential) or 403 (a client storing or reading without leave)."""
+        allowed = self.settings.allow_anonymous_write if write else self.settings.allow_anonymous_read
+        caller = self.identify(request, anonymous=allowed)
+        if write and not caller.write:
+            raise HTTPProblem(403, f"client {caller.name!r} may not store")
+        if not write and not caller.read:
+            raise HTTPProblem(403, f"client {caller.name!r} may not search or retrieve")
+        return caller
+
+    def identify(self, request: Request, anonymous: bool) -> Caller:
+        """The client whose credential the request carries; without one, anonymous if allowed; else 401."""
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         scheme = scheme.lower()
         if not header:
-            allowed = self.settings.allow_anonymous_write if write else self.settings.allow_anonymous_read
-            if allowed:
-                return Caller(None, True)
+            if anonymous:
+                return Caller(None, True, True)
             raise HTTPProblem(401, "authentication required (Bearer token or Basic user)")
         caller = None
         if scheme == "bearer":
@@ -97,8 +112,6 @@ class Authenticator:
             caller = self._basic(credential.strip())
         if caller is None:
             raise HTTPProblem(401, "invalid credentials")
-        if write and not caller.write:
-            raise HTTPProblem(403, f"client {caller.name!r} may read but not store")
         return caller
 
     def _basic(self, credential: str) -> Caller | None:
@@ -118,33 +131,55 @@ def _sha256(value: str) -> bytes:
 
 
 def create_app(
-    config: Config, engine: Engine, index: Index | None = None, store: InstanceStore | None = None
+    config: Config,
+    engine: Engine,
+    index: Index | None = None,
+    store: InstanceStore | None = None,
+    dicom_refusals: DicomRefusals = dict,
 ) -> Starlette:
     """The app; pass the node's Index so STOW-RS and C-STORE share its SQLite write lock."""
     settings: WebSection = config.web
     index = index or Index(engine)
     store = store or InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
     auth = Authenticator(settings)
-    metrics = Metrics(engine)
-    stow = Stow(index, store, metrics)
+    metrics = Metrics(engine, dicom_refusals)
+    stow = Stow(index, store, metrics, config.storage.max_inflated_mb * 2**20)
     archive = Archive(engine, store.root)
 
     def base_url(request: Request) -> str:
         return f"{request.url.scheme}://{request.url.netloc}{settings.base_path}"
+
+    def uids(request: Request) -> dict[str, str]:
+        """The study, series and instance UIDs of the URL; 400 for one that is not a UID."""
+        params = {key: value for key, value in request.path_params.items() if key in ("study", "series", "instance")}
+        try:
+            for key, value in params.items():
+                validate_uid(value, f"the {key} UID in the URL")
+        except InvalidUID as exc:
+            raise HTTPProblem(400, str(exc)) from None
+        return params
 
     def sender(request: Request, caller: Caller) -> Sender:
         return Sender(ae_title=caller.name, host=request.client.host if request.client else None, source="stow")
 
     async def store_instances(request: Request) -> Response:
         caller = auth.caller(request, write=True)
+        study_uid = uids(request).get("study")
         boundary = check_stow_content_type(request.headers.get("content-type"))
-        body = await read_body(request, settings.max_request_mb * 2**20)
         try:
-            parts = parse_multipart(body, boundary)
-        except MultipartError as exc:
-            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
-        study_uid = request.path_params.get("study")
-        result = await run_in_threadpool(stow.store, parts, sender(request, caller), study_uid, base_url(request))
+            body = await spool_body(request, settings.max_request_mb * 2**20, store)
+        except ClientDisconnect:
+            log.warning("STOW-RS from %s: the client went away before the body was complete; nothing stored",
+                        sender(request, caller))
+            raise HTTPProblem(400, "the body ended early (client disconnected); nothing stored") from None
+        with body:
+            try:
+                parts = await run_in_threadpool(parse_multipart, body, boundary)
+            except MultipartError as exc:
+                raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+            result = await run_in_threadpool(
+                stow.store, body, parts, sender(request, caller), study_uid, base_url(request)
+            )
         log.info("STOW-RS from %s: %d stored, %d failed", sender(request, caller), len(result.stored),
                  len(result.failed))
         return stow_response(result, base_url(request), study_uid)
@@ -153,7 +188,7 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             auth.caller(request, write=False)
             query = Query.from_request(request, settings.qido_max_results)
-            params = request.path_params
+            params = uids(request)
             if level == "studies":
                 found = await run_in_threadpool(archive.search_studies, query, base_url(request))
             elif level == "series":
@@ -169,30 +204,26 @@ def create_app(
 
     async def retrieve(request: Request) -> Response:
         auth.caller(request, write=False)
-        params = request.path_params
+        params = uids(request)
         paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
         return retrieve_response(request, paths)
 
     async def metadata(request: Request) -> Response:
         auth.caller(request, write=False)
-        params = request.path_params
+        params = uids(request)
         paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
         if not paths:
             raise HTTPProblem(404, "no such study, series or instance")
-        found = await run_in_threadpool(lambda: [instance_metadata(path) for path in paths])
-        return JSONResponse(found, media_type=DICOM_JSON)
+        return metadata_response(paths)
 
     async def retrieve_frames(request: Request) -> Response:
         auth.caller(request, write=False)
-        params = request.path_params
-        try:
-            numbers = [int(number) for number in params["frames"].split(",")]
-        except ValueError:
-            raise HTTPProblem(400, "frames are a comma-separated list of 1-based numbers") from None
+        params = uids(request)
+        numbers = frame_numbers(request.path_params["frames"])
         paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
         if not paths:
             raise HTTPProblem(404, "no such instance")
-        return frames_response(await run_in_threadpool(frames, paths[0], numbers))
+        return frames_response(await run_in_threadpool(pixel_frames, paths[0]), numbers)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -203,6 +234,8 @@ def create_app(
         return JSONResponse(checks, status_code=200 if ready else 503)
 
     async def prometheus(request: Request) -> Response:
+        # Metrics name calling AE titles and web clients: a client's credential is needed, as for DICOMweb.
+        auth.identify(request, anonymous=settings.allow_anonymous_metrics)
         return Response(await run_in_threadpool(generate_latest, metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     base = settings.base_path
@@ -228,7 +261,7 @@ def create_app(
         Route(f"{base}{instance}/metadata", metadata, methods=["GET"]),
         Route(f"{base}{instance}/frames/{{frames}}", retrieve_frames, methods=["GET"]),
     ]
-    middleware = []
+    middleware = [Middleware(_BoundedURL)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -242,12 +275,29 @@ def create_app(
 
     async def problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPProblem)
+        if exc.status == 413 or exc.status >= 500:  # a sender's series did not arrive: the admin should know
+            client = request.client.host if request.client else "?"
+            log.warning("%s %s from %s refused with %d: %s", request.method, request.url.path, client, exc.status, exc)
         response = problem_response(exc)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="dicom-ai-node", Basic realm="dicom-ai-node"'
         return response
 
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPProblem: problem})
+
+
+class _BoundedURL:
+    """414 for a URL (path and query) over _MAX_URL bytes, before any endpoint parses it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(scope.get("raw_path") or b"") + len(scope["query_string"]) > _MAX_URL:
+            response = problem_response(HTTPProblem(414, f"the URL is longer than {_MAX_URL} bytes"))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _readiness(engine: Engine, store: InstanceStore) -> dict[str, Any]:

@@ -9,10 +9,10 @@ are in-process counters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
@@ -23,12 +23,17 @@ _WAITING = (DeliveryState.PENDING.value, DeliveryState.FAILED.value)
 JOB_SECONDS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
-class Metrics:
-    """The registry served at /metrics: database collector plus STOW-RS counters."""
+# Refusals on the DICOM port since the node started, by kind (ingest/admission.py counts them).
+DicomRefusals = Callable[[], Mapping[str, int]]
 
-    def __init__(self, engine: Engine) -> None:
+
+class Metrics:
+    """The registry served at /metrics: database collector, DICOM port refusals and STOW-RS counters."""
+
+    def __init__(self, engine: Engine, dicom_refusals: DicomRefusals = dict) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DatabaseCollector(engine))
+        self.registry.register(RefusalCollector(dicom_refusals))
         self._stow_instances = Counter(
             "dicom_ai_node_stow_instances",
             "Instances in STOW-RS requests since the node started, by client and outcome",
@@ -47,6 +52,22 @@ class Metrics:
         self._stow_instances.labels(client, outcome).inc()
         if size:
             self._stow_bytes.labels(client).inc(size)
+
+
+class RefusalCollector(Collector):
+    def __init__(self, refusals: DicomRefusals) -> None:
+        self.refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "dicom_ai_node_dicom_refusals",
+            "Connections and associations refused on the DICOM port since the node started, by kind "
+            "(association-limit, connection-evicted, tls-handshake-failed)",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.refusals().items()):
+            family.add_metric([kind], count)
+        yield family
 
 
 class DatabaseCollector(Collector):

@@ -7,6 +7,7 @@ STOW-RS alike, and the web server starts and drains with the node.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 
@@ -16,6 +17,8 @@ from sqlalchemy import Engine
 from dicom_ai_node.config import Config
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
+from dicom_ai_node.tls import apply_bcp195
+from dicom_ai_node.web.metrics import DicomRefusals
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +28,44 @@ _START_TIMEOUT_SECONDS = 15.0
 class WebServer:
     """`start()` returns once the port is listening (raises if it cannot); no-op unless `web.enabled`."""
 
-    def __init__(self, config: Config, engine: Engine, index: Index, store: InstanceStore) -> None:
+    def __init__(
+        self, config: Config, engine: Engine, index: Index, store: InstanceStore, dicom_refusals: DicomRefusals
+    ) -> None:
         self.settings = config.web
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         if self.settings.enabled:
             from dicom_ai_node.web.app import create_app  # starlette & co. load only when the server runs
 
-            app = create_app(config, engine, index, store)
-            self._server = uvicorn.Server(
-                uvicorn.Config(
-                    app,
-                    host=self.settings.bind,
-                    port=self.settings.port,
-                    log_config=None,  # the node's logging setup applies
-                    access_log=False,
-                    lifespan="off",
-                    timeout_graceful_shutdown=10,
-                )
+            app = create_app(config, engine, index, store, dicom_refusals)
+            web = self.settings
+            server_config = uvicorn.Config(
+                app,
+                host=web.bind,
+                port=web.port,
+                log_config=None,  # the node's logging setup applies
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=10,
+                # h11 rather than "auto": h11 refuses a request head it cannot parse within 16 KiB, httptools
+                # (taken by "auto" when installed) buffers without bound.
+                http="h11",
+                ws="none",
+                ssl_certfile=web.tls_cert_file,
+                ssl_keyfile=web.tls_key_file,
+                ssl_ca_certs=web.tls_ca_file,
+                ssl_cert_reqs=(ssl.CERT_REQUIRED if web.tls_require_client_certificate
+                               else ssl.CERT_OPTIONAL if web.tls_ca_file else ssl.CERT_NONE),
             )
+            try:
+                server_config.load()  # builds the TLS context now, so a bad file stops start-up here
+            except (OSError, ssl.SSLError) as exc:
+                given = ", ".join(f"{key} {path}" for key in ("tls_cert_file", "tls_key_file", "tls_ca_file")
+                                  if (path := getattr(web, key)))
+                raise OSError(f"web: cannot load {given}: {exc}") from None
+            if server_config.ssl is not None:
+                apply_bcp195(server_config.ssl)
+            self._server = uvicorn.Server(server_config)
 
     def start(self) -> None:
         if self._server is None:
@@ -57,12 +79,16 @@ class WebServer:
                     f"DICOMweb server could not listen on {self.settings.bind}:{self.settings.port} (see the log above)"
                 )
             time.sleep(0.02)
-        log.info("DICOMweb server on http://%s:%d%s", self.settings.bind, self.settings.port, self.settings.base_path)
+        scheme = "https" if self.settings.tls_cert_file else "http"
+        log.info("DICOMweb server on %s://%s:%d%s", scheme, self.settings.bind, self.settings.port,
+                 self.settings.base_path)
 
-    def stop(self) -> None:
-        """Stop accepting; requests in flight get uvicorn's graceful timeout."""
+    def stop(self, deadline: float) -> None:
+        """Stop accepting; requests in flight may finish until `deadline` (time.monotonic())."""
         if self._server is None or self._thread is None:
             return
         self._server.should_exit = True
-        self._thread.join(timeout=15)
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._server.force_exit = True  # cuts the requests still running; the thread is a daemon
         self._thread = None

@@ -9,11 +9,12 @@ through an environment variable.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,16}$")  # recorded as the sender's "AE title" of STOW-RS instances
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,16}")  # recorded as the sender's "AE title" of STOW-RS instances
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # patterns here are used with fullmatch
 
 
 class _Section(BaseModel):
@@ -28,18 +29,21 @@ class WebClient(_Section):
     token_env: str | None = None  # environment variable holding the bearer token
     password_env: str | None = None  # environment variable holding the basic-auth password of `name`
     write: bool = True  # may store (STOW-RS); read-only clients get 403 there
+    # May search and retrieve (QIDO-RS, WADO-RS); false for a sender that only stores, or a Prometheus
+    # scraper that only reads /metrics (which any client may).
+    read: bool = True
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError("1 to 16 characters: letters, digits, '_', '.', '@', '-'")
         return value
 
     @field_validator("token_sha256")
     @classmethod
     def _sha256(cls, value: str | None) -> str | None:
-        if value is not None and not _SHA256.match(value.lower()):
+        if value is not None and not _SHA256.fullmatch(value.lower()):
             raise ValueError("must be 64 hex digits (sha256sum of the token)")
         return value and value.lower()
 
@@ -61,15 +65,27 @@ class WebSection(_Section):
     # Without credentials: reads (QIDO/WADO) and writes (STOW) are refused unless allowed here.
     allow_anonymous_read: bool = False
     allow_anonymous_write: bool = False
+    # /metrics names calling AE titles and web clients, so it needs a client's credential unless this is set.
+    allow_anonymous_metrics: bool = False
     cors_origins: list[str] = []  # e.g. ["http://localhost:3000"] for an OHIF dev server; "*" = any
-    max_request_mb: int = Field(4096, ge=1)  # largest STOW-RS body; the whole body is held before storing
+    # Largest STOW-RS body, MiB.  It is spooled to a temporary file in storage.path and stored one instance at
+    # a time, so this bounds disk, not memory: 2 GiB holds a 4000-slice CT series in one request.
+    max_request_mb: int = Field(2048, ge=1)
     qido_max_results: int = Field(1000, ge=1, le=100000)  # also the default `limit`
+    # HTTPS (TLS 1.2 or newer, BCP 195): the server's certificate (PEM, chain included) and its private key.
+    # Relative paths are resolved against the folder of the config file.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # CAs (PEM) that sign client certificates: a client presenting a certificate must have one they signed;
+    # with tls_require_client_certificate every client must present one, besides its token or password.
+    tls_ca_file: Path | None = None
+    tls_require_client_certificate: bool = False
 
     @field_validator("base_path")
     @classmethod
     def _base(cls, value: str) -> str:
         value = "/" + value.strip("/")
-        if not re.match(r"^(/[A-Za-z0-9._~-]+)*/?$", value):
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*/?", value):
             raise ValueError("a URL path such as /dicom-web")
         return value.rstrip("/")
 
@@ -79,4 +95,14 @@ class WebSection(_Section):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"clients: duplicate name(s) {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> WebSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file (HTTPS)")
+        if self.tls_require_client_certificate and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_certificate needs tls_ca_file (the CA signing client certificates)")
         return self
