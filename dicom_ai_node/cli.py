@@ -1,7 +1,8 @@
 """`dicom-ai-node`: run the node and watch it from a terminal.
 
-Expected failures (bad config, peer down, database not migrated) print one
-plain sentence and exit with status 2; only a bug shows a traceback.
+Expected failures (`NodeError`: bad config, peer down, database not migrated,
+a port in use) print one plain sentence and exit with status 2; only a bug
+shows a traceback.
 """
 
 from __future__ import annotations
@@ -13,23 +14,31 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import typer
+from rich.columns import Columns
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.padding import Padding
+from rich.table import Column, Table
+from rich.text import Text
 
-from dicom_ai_node.config import CONFIG_ENV, Config, ConfigError, load_config
+from dicom_ai_node.config import CONFIG_ENV, Config, load_config
+from dicom_ai_node.errors import NodeError, StartupError
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
-from dicom_ai_node.store.db import DatabaseNotReady
-from dicom_ai_node.store.models import Delivery, Job
+from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState
 
+# Help is plain text: Rich markup would eat `[peers]`, `[destinations]`, ..., and flags show no `<bool>`.
+_PLAIN_HELP = {"rich_markup_mode": None}
 app = typer.Typer(
     help="dicom-ai-node: a PACS AI node. Receives DICOM, runs models, sends results back.",
     no_args_is_help=True,
     add_completion=False,
+    **_PLAIN_HELP,
 )
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True, **_PLAIN_HELP)
 app.add_typer(db_app, name="db")
-job_app = typer.Typer(help="One job in detail.", no_args_is_help=True)
+job_app = typer.Typer(help="One job in detail.", no_args_is_help=True, **_PLAIN_HELP)
 app.add_typer(job_app, name="job")
 
 console = Console()
@@ -42,17 +51,15 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-class NodeError(Exception):
-    """An expected failure, told to the admin in one sentence."""
-
-
 def _plain_errors(command: Callable) -> Callable:
+    """A NodeError (an expected failure) becomes its sentence on stderr and exit status 2; anything else propagates."""
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, DatabaseNotReady, NodeError) as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except NodeError as exc:
+            # A Text, not markup: "[peers]" and the like in the sentence must show as written.
+            errors.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -60,8 +67,19 @@ def _plain_errors(command: Callable) -> Callable:
 
 def _engine(config: Config):
     engine = db.make_engine(config.database.url)
-    db.require_current_schema(engine)
+    db.require_current_schema(engine, config.source)
     return engine
+
+
+def _study_uid(engine, text: str) -> str:
+    """The Study Instance UID `text` names: the whole UID, or the start of only one study's UID."""
+    found = queries.find_study_uids(engine, text, limit=6)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NodeError(f"no study {text} on this node, nor one whose UID starts with it (see: dicom-ai-node studies)")
+    more = ", and more" if len(found) > 5 else ""
+    raise NodeError(f"several studies start with {text}{more}; give more of the UID:\n  " + "\n  ".join(found[:5]))
 
 
 def _print_json(value: Any) -> None:
@@ -90,12 +108,63 @@ _STATE_STYLE = {
     "pending": "yellow",
     "sending": "cyan",
     "delivered": "green",
+    "partly delivered": "yellow",
+    "purged": "dim",
     "dead": "bold red",
 }
 
 
 def _state(state: str) -> str:
     return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def _text(value: Any, style: str = "") -> Text:
+    """A table cell from data (names, descriptions, errors): shown as is, square brackets included."""
+    return Text("" if value is None else str(value), style=style)
+
+
+def _state_text(state: str) -> Text:
+    return Text(state, style=_STATE_STYLE.get(state, "white"))
+
+
+# Wider than any terminal: measures the table's least width without squeezing it.
+_UNBOUNDED = 100_000
+
+
+def _print_with_uids(
+    headers: list[str], rows: list[tuple[list[Text], list[tuple[str, str]], list[Text]]], uid_header: str
+) -> None:
+    """A listing whose UIDs are never cut, so they can be copied into the next command at any terminal width.
+
+    A row is (cells, UIDs as (label, UID), notes such as an error). The UIDs make the last column, the notes
+    go under them. When the table with whole UIDs is wider than the terminal (80 columns cannot hold a
+    64-character UID beside seven columns), each row becomes a record instead: its columns as `name: value`
+    and each UID on a line of its own.
+    """
+    width = max((len(uid) for _, uids, _ in rows for _, uid in uids), default=0)
+    table = Table(*headers, Column(uid_header, no_wrap=True, min_width=width, max_width=width))
+    for cells, uids, notes in rows:
+        lines = [Text(uid) for _, uid in uids] + [note.copy() for note in notes]
+        for note in lines[len(uids):]:
+            note.no_wrap, note.overflow = False, "fold"  # a long error wraps under the UIDs, never widens them
+        table.add_row(*cells, Text("\n").join(lines))
+    if Measurement.get(console, console.options.update_width(_UNBOUNDED), table).minimum <= console.width:
+        console.print(table)
+        return
+    label_width = max((len(label) for _, uids, _ in rows for label, _ in uids), default=0)
+    for number, (cells, uids, notes) in enumerate(rows):
+        fields = [
+            Text.assemble((f"{header}: ", "dim"), Text(" / ").join(cell.split()) if "\n" in cell.plain else cell)
+            for header, cell in zip(headers, cells)
+            if cell.plain
+        ]
+        if number:
+            console.print()
+        console.print(Columns(fields, padding=(0, 2)))  # a field is never split across lines
+        for label, uid in uids:  # never wrapped by Rich: one line to copy
+            console.print(f"  {label:<{label_width}} {uid}", markup=False, highlight=False, soft_wrap=True)
+        for note in notes:
+            console.print(Padding(note, (0, 0, 0, 2)))
 
 
 @app.command()
@@ -105,11 +174,11 @@ def serve(config: ConfigOption = None) -> None:
     from dicom_ai_node.node import serve as run
 
     settings = load_config(config)
-    setup_logging(settings.logging.level, settings.logging.file)
     try:
-        run(settings)
+        setup_logging(settings.logging.level, settings.logging.file, settings.logging.max_mb, settings.logging.backups)
     except OSError as exc:
-        raise NodeError(f"cannot start: {exc}") from None
+        raise StartupError(f"cannot start: logging.file {settings.logging.file}: {exc}") from None
+    run(settings)  # a node that cannot start raises a NodeError (StartupError & co.), nothing left running
 
 
 @db_app.command("upgrade")
@@ -192,7 +261,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     start_up = report["last_start_up"]
     if start_up:
         color = "yellow" if start_up["level"] == "warning" else "white"
-        table.add_row("last start-up", f"{start_up['at']}: [{color}]{start_up['message']}[/]")
+        table.add_row("last start-up", f"{start_up['at']}: [{color}]{escape(start_up['message'])}[/]")
     console.print(table)
 
 
@@ -211,54 +280,63 @@ def studies(
     if not rows:
         console.print("no studies received yet")
         return
-    table = Table("Patient", "Accession", "Date", "Mod", "Series", "Inst", "State", "Study Instance UID")
-    for row in rows:
-        table.add_row(
-            f"{row['PatientName'] or ''} ({row['PatientID'] or '?'})",
-            row["AccessionNumber"] or "",
-            row["StudyDate"] or "",
-            ",".join(row["ModalitiesInStudy"]),
-            str(row["NumberOfStudyRelatedSeries"]),
-            str(row["NumberOfStudyRelatedInstances"]),
-            _state(row["state"]),
-            row["StudyInstanceUID"],
+    listing = [
+        (
+            [
+                _text(f"{row['PatientName'] or ''} ({row['PatientID'] or '?'})"),
+                _text(row["AccessionNumber"]),
+                _text(row["StudyDate"]),
+                _text(",".join(row["ModalitiesInStudy"])),
+                _text(row["NumberOfStudyRelatedSeries"]),
+                _text(row["NumberOfStudyRelatedInstances"]),
+                _state_text(row["state"]),
+            ],
+            [("study", row["StudyInstanceUID"])],
+            [],
         )
-    console.print(table)
+        for row in rows
+    ]
+    _print_with_uids(["Patient", "Accession", "Date", "Mod", "Series", "Inst", "State"], listing, "Study Instance UID")
 
 
 @app.command()
 @_plain_errors
 def series(
-    study_uid: Annotated[str, typer.Argument(help="Study Instance UID (see: dicom-ai-node studies).")],
+    study_uid: Annotated[
+        str, typer.Argument(help="Study Instance UID, or its start if no other study's starts alike (see: studies).")
+    ],
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """The series of one study, and what happened to the study."""
     engine = _engine(load_config(config))
+    study_uid = _study_uid(engine, study_uid)
     rows = queries.list_series(engine, study_uid)
-    if rows is None:
-        raise NodeError(f"no study {study_uid} on this node (see: dicom-ai-node studies)")
+    if rows is None:  # known only from its events: refused before anything of it was stored
+        rows = []
     if as_json:
         _print_json(rows)
         return
-    table = Table("#", "Mod", "Description", "Inst", "Size", "From", "State", "Series Instance UID")
+    listing = []
     for row in rows:
-        state = _state(row["state"])
+        state = _state_text(row["state"])
         if row["reprocess_requested"]:
-            state += f" [yellow](re-process: {row['late_instances']} late)[/]"
+            state.append(f" (re-process: {row['late_instances']} late)", style="yellow")
         if row["state_reason"]:
-            state += f"\n[dim]{row['state_reason']}[/]"
-        table.add_row(
-            str(row["SeriesNumber"] or ""),
-            row["Modality"] or "",
-            row["SeriesDescription"] or "",
-            str(row["NumberOfSeriesRelatedInstances"]),
-            _size(row["bytes"]),
-            row["calling_ae_title"] or "",
+            state.append(f"\n{row['state_reason']}", style="dim")
+        cells = [
+            _text(row["SeriesNumber"]),
+            _text(row["Modality"]),
+            _text(row["SeriesDescription"]),
+            _text(row["NumberOfSeriesRelatedInstances"]),
+            _text(_size(row["bytes"])),
+            _text(row["calling_ae_title"]),
             state,
-            row["SeriesInstanceUID"],
-        )
-    console.print(table)
+        ]
+        listing.append((cells, [("series", row["SeriesInstanceUID"])], []))
+    console.print(f"study {study_uid}", markup=False, highlight=False, soft_wrap=True)
+    if listing:
+        _print_with_uids(["#", "Mod", "Description", "Inst", "Size", "From", "State"], listing, "Series Instance UID")
     _print_events(queries.list_events(engine, study_uid, limit=20))
 
 
@@ -266,12 +344,15 @@ def series(
 @_plain_errors
 def events(
     config: ConfigOption = None,
-    study: Annotated[str | None, typer.Option(help="Only this Study Instance UID.")] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Only this Study Instance UID (or its start, if no other study's starts alike).")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Newest N events.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """The audit trail: what happened to each study and why (failures in red)."""
-    rows = queries.list_events(_engine(load_config(config)), study, limit=limit)
+    engine = _engine(load_config(config))
+    rows = queries.list_events(engine, _study_uid(engine, study) if study else None, limit=limit)
     if as_json:
         _print_json(rows)
         return
@@ -282,79 +363,118 @@ def _print_events(rows: list[dict[str, Any]]) -> None:
     if not rows:
         console.print("no events")
         return
-    table = Table("When (UTC)", "What", "Message", box=None)
+    # A UID in a message is folded at the edge, never cut short.
+    table = Table("When (UTC)", "What", Column("Message", overflow="fold"), box=None)
     style = {"error": "red", "warning": "yellow"}
     for row in rows:
-        color = style.get(row["level"], "white")
-        table.add_row(row["at"], f"[{color}]{row['kind']}[/]", row["message"])
+        table.add_row(row["at"], _text(row["kind"], style.get(row["level"], "white")), _text(row["message"]))
     console.print(table)
 
 
 @app.command()
 @_plain_errors
 def echo(
-    peer: Annotated[str, typer.Argument(help="A peer named in the config's [peers] table.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="A peer from the config's [peers], or a destination of kind dimse from [destinations]."),
+    ],
     config: ConfigOption = None,
 ) -> None:
-    """C-ECHO a configured peer: is it up and does it accept us?"""
+    """C-ECHO a configured peer or DICOM destination: is it up and does it accept us?
+
+    A name is looked up in [peers] first, then in [destinations]; a destination is called as deliveries
+    call it (its AE title, host, port and TLS settings), so a PACS need not be configured twice.
+    """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     settings = load_config(config)
-    target = settings.peers.get(peer)
-    if target is None:
-        known = ", ".join(sorted(settings.peers)) or "none configured"
-        raise NodeError(f"no peer named {peer!r} in [peers] (known: {known})")
+    host, port, ae_title, tls, what = _echo_target(settings, name)
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
-    where = f"{target.ae_title}@{target.host}:{target.port}"
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = ae.connection_timeout = 10
+    where = f"{what}, {ae_title}@{host}:{port}" + (" over TLS" if tls else "")
     started = time.monotonic()
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=(tls, host) if tls else None)
+    except OSError as exc:  # pynetdicom resolves the host name before it connects
+        raise NodeError(f"{name} ({where}) is unreachable: {exc}") from None
     if assoc.is_rejected:
-        raise NodeError(f"{peer} ({where}) rejected the association (check AE titles on both sides)")
+        raise NodeError(f"{name} ({where}) rejected the association (check AE titles on both sides)")
     if not assoc.is_established:
-        raise NodeError(f"{peer} ({where}) is unreachable or did not answer")
+        handshake = " (or the TLS handshake failed)" if tls else ""
+        raise NodeError(f"{name} ({where}) is unreachable or did not answer{handshake}")
     try:
         answer = assoc.send_c_echo()
     finally:
         assoc.release()
     code = getattr(answer, "Status", None)
     if code != 0x0000:
-        raise NodeError(f"{peer} ({where}) answered C-ECHO with status {code}")
-    console.print(f"{peer} ({where}): [green]C-ECHO OK[/] in {1000 * (time.monotonic() - started):.0f} ms")
+        raise NodeError(f"{name} ({where}) answered C-ECHO with status {code}")
+    elapsed = f"{1000 * (time.monotonic() - started):.0f} ms"
+    console.print(Text.assemble(f"{name} ({where}): ", ("C-ECHO OK", "green"), f" in {elapsed}"))
+
+
+def _echo_target(settings: Config, name: str) -> tuple[str, int, str, Any, str]:
+    """(host, port, AE title, TLS context or None, "peer" or "destination") of `name`: [peers] first."""
+    peer = settings.peers.get(name)
+    if peer is not None:
+        return peer.host, peer.port, peer.ae_title, None, "peer"
+    destination = settings.destinations.get(name)
+    if destination is None:
+        dimse = [key for key, value in settings.destinations.items() if value.kind == "dimse"]
+        known = ", ".join(sorted({*settings.peers, *dimse})) or "none configured"
+        raise NodeError(f"no peer named {name!r} in [peers], nor a destination of kind dimse in [destinations] "
+                        f"(known: {known})")
+    if destination.kind != "dimse":
+        raise NodeError(f"destination {name!r} is of kind {destination.kind}: echo speaks DICOM (C-ECHO) only")
+    tls = None
+    if destination.tls:
+        from dicom_ai_node.delivery.dimse import _tls_context, _Unusable  # the context deliveries use
+
+        try:
+            tls = _tls_context(destination)
+        except _Unusable as exc:
+            raise NodeError(f"destination {name!r}: {exc}") from None
+    assert destination.host and destination.port and destination.ae_title  # DestinationConfig checks kind dimse
+    return destination.host, destination.port, destination.ae_title, tls, "destination"
 
 
 @app.command()
 @_plain_errors
 def jobs(
     config: ConfigOption = None,
-    state: Annotated[str | None, typer.Option(help="queued, running, done, failed or skipped.")] = None,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Model jobs: one per (series, model), newest first, with stage timings."""
-    rows = queries.list_jobs(_engine(load_config(config)), state, limit)
+    wanted = state.value if state else None
+    rows = queries.list_jobs(_engine(load_config(config)), wanted, limit)
     if as_json:
         _print_json(rows)
         return
     if not rows:
-        console.print("no jobs" + (f" in state {state}" if state else ""))
+        console.print("no jobs" + (f" in state {wanted}" if wanted else ""))
         return
-    table = Table("ID", "State", "Model", "Mod", "Load s", "Infer s", "Write s", "Series Instance UID / error")
-    for row in rows:
-        detail = row["SeriesInstanceUID"] + (f"\n[red]{row['error']}[/]" if row["error"] else "")
-        table.add_row(
-            f"J{row['id']}",
-            _state(row["state"]),
-            row["model"],
-            row["Modality"] or "",
-            _seconds(row["load_seconds"]),
-            _seconds(row["inference_seconds"]),
-            _seconds(row["write_seconds"]),
-            detail,
+    listing = [
+        (
+            [
+                _text(f"J{row['id']}"),
+                _state_text(row["state"]),
+                _text(row["model"]),
+                _text(row["Modality"]),
+                _text(_seconds(row["load_seconds"])),
+                _text(_seconds(row["inference_seconds"])),
+                _text(_seconds(row["write_seconds"])),
+            ],
+            [("study", row["StudyInstanceUID"]), ("series", row["SeriesInstanceUID"])],
+            [_text(row["error"], "red")] if row["error"] else [],
         )
-    console.print(table)
+        for row in rows
+    ]
+    headers = ["ID", "State", "Model", "Mod", "Load s", "Infer s", "Write s"]
+    _print_with_uids(headers, listing, "Study / Series Instance UID, error")
 
 
 def _seconds(value: float | None) -> str:
@@ -379,19 +499,21 @@ def job_show(
     if as_json:
         _print_json(detail)
         return
-    table = Table(show_header=False, box=None)
+    # Labels of at most 13 characters and no outer padding: a 64-character UID fits whole in 80 columns.
+    table = Table(Column(), Column(no_wrap=True), show_header=False, box=None, pad_edge=False)
+    labels = {"StudyInstanceUID": "study UID", "SeriesInstanceUID": "series UID"}
     for key in ("state", "model", "model_version", "device", "route", "StudyInstanceUID", "SeriesInstanceUID",
                 "attempts", "created_at", "started_at", "finished_at"):
         value = detail[key]
-        table.add_row(key, _state(value) if key == "state" else str(value if value is not None else ""))
+        table.add_row(labels.get(key, key), _state_text(value) if key == "state" else _text(value))
     for stage in ("load", "inference", "write"):
         table.add_row(f"{stage} (s)", _seconds(detail[f"{stage}_seconds"]))
-    if detail["error"]:
-        table.add_row("error", f"[red]{detail['error']}[/]")
     console.print(table)
+    if detail["error"]:
+        console.print(Text.assemble(("error", "red"), " ", _text(detail["error"])))
     for result in detail["results"]:
-        console.print(f"{result['kind']:3s} {result['SOPInstanceUID']}", highlight=False)
-        console.print(f"    {result['path']}", highlight=False, soft_wrap=True)
+        console.print(f"{result['kind']:3s} {result['SOPInstanceUID']}", markup=False, highlight=False)
+        console.print(f"    {result['path']}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -425,9 +547,10 @@ def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         return
     table = Table("Model", "Kind", "Device", "Loaded", "Routes", "Path")
     for row in rows:
-        loaded = "\n".join(row["loaded_in"]) if row["loaded"] else "[dim]no (loads on its first job)[/]"
+        loaded = _text("\n".join(row["loaded_in"])) if row["loaded"] else _text("no (loads on its first job)", "dim")
         table.add_row(
-            row["name"], row["kind"], row["device"], loaded, ", ".join(row["routes"]), row["path"] or "(built in)"
+            _text(row["name"]), _text(row["kind"]), _text(row["device"]), loaded, _text(", ".join(row["routes"])),
+            _text(row["path"] or "(built in)"),
         )
     console.print(table)
 
@@ -446,30 +569,31 @@ def worker(config: ConfigOption = None) -> None:
 @_plain_errors
 def deliveries(
     config: ConfigOption = None,
-    state: Annotated[str | None, typer.Option(help="pending, sending, delivered, failed or dead.")] = None,
+    state: Annotated[DeliveryState | None, typer.Option(help="Only deliveries in this state.")] = None,
     limit: Annotated[int, typer.Option(help="Newest N deliveries.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Result sets on their way to destinations: attempts, last error, remote status."""
-    rows = queries.list_deliveries(_engine(load_config(config)), state, limit)
+    wanted = state.value if state else None
+    rows = queries.list_deliveries(_engine(load_config(config)), wanted, limit)
     if as_json:
         _print_json(rows)
         return
     if not rows:
-        console.print("no deliveries" + (f" in state {state}" if state else ""))
+        console.print("no deliveries" + (f" in state {wanted}" if wanted else ""))
         return
-    table = Table("ID", "State", "Destination", "Job", "Tries", "Remote", "Study Instance UID / last error")
+    listing = []
     for row in rows:
-        detail = row["StudyInstanceUID"]
-        if row["last_error"]:
-            detail += f"\n[red]{row['last_error']}[/]"
+        notes = [_text(row["last_error"], "red")] if row["last_error"] else []
         if row["next_attempt_at"] and row["state"] == "failed":
-            detail += f"\n[dim]next attempt {row['next_attempt_at']}[/]"
-        table.add_row(
-            f"D{row['id']}", _state(row["state"]), row["destination"], f"J{row['job_id']}", str(row["attempts"]),
-            row["remote_status"] or "", detail,
-        )
-    console.print(table)
+            notes.append(_text(f"next attempt {row['next_attempt_at']}", "dim"))
+        cells = [
+            _text(f"D{row['id']}"), _state_text(row["state"]), _text(row["destination"]), _text(f"J{row['job_id']}"),
+            _text(row["attempts"]), _text(row["remote_status"]),
+        ]
+        listing.append((cells, [("study", row["StudyInstanceUID"])], notes))
+    headers = ["ID", "State", "Destination", "Job", "Tries", "Remote"]
+    _print_with_uids(headers, listing, "Study Instance UID / last error")
 
 
 def _parse_id(text: str) -> tuple[str, int]:
@@ -546,18 +670,25 @@ def cancel(
 @app.command()
 @_plain_errors
 def resend(
-    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    study_uid: Annotated[
+        str, typer.Argument(help="Study Instance UID, or its start if no other study's starts alike.")
+    ],
     to: Annotated[str, typer.Option("--to", help="A destination from [destinations], or origin.")],
     config: ConfigOption = None,
 ) -> None:
     """Send every result of a study to a destination again, even if it was delivered before."""
-    from dicom_ai_node.store.deliveries import DeliveryQueue
+    from dicom_ai_node.store.deliveries import DeliveryQueue, ResendRefused
 
     settings = load_config(config)
     if to != "origin" and to not in settings.destinations:
         known = ", ".join(["origin", *sorted(settings.destinations)])
         raise NodeError(f"no destination named {to!r} (known: {known})")
-    count = DeliveryQueue(_engine(settings), settings.storage.path, settings.delivery).resend(study_uid, to)
+    engine = _engine(settings)
+    study_uid = _study_uid(engine, study_uid)
+    try:
+        count = DeliveryQueue(engine, settings.storage.path, settings.delivery).resend(study_uid, to)
+    except ResendRefused as exc:  # e.g. the study's results were purged: nothing is queued
+        raise NodeError(str(exc)) from None
     if not count:
         raise NodeError(f"study {study_uid} has no finished results to send (see: dicom-ai-node jobs)")
     console.print(f"{count} result set(s) of study {study_uid} queued for {to}")
@@ -576,8 +707,9 @@ def purge(
 
     settings = load_config(config)
     removed = purge_older_than(_engine(settings), settings.storage.path, older_than, dry_run)
-    if as_json:
-        _print_json([vars(r) for r in removed])
+    if as_json:  # keyed like every listing: StudyInstanceUID
+        _print_json([{"StudyInstanceUID": r.study_instance_uid, "instances": r.instances, "results": r.results,
+                      "bytes": r.bytes} for r in removed])
         return
     verb = "would remove" if dry_run else "removed"
     for record in removed:

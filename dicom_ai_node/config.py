@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_ai_node.errors import NodeError
 from dicom_ai_node.web.settings import WebSection
 
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
@@ -305,11 +306,29 @@ class SourceConfig(_Section):
 
 
 class DeliverySection(_Section):
-    max_attempts: int = Field(8, ge=1, le=1000)
-    # Exponential backoff with full jitter: the n-th retry waits up to min(max, initial * 2**(n-1)).
+    # Transient failures (destination down or busy, HTTP 5xx) are retried until this long after the first
+    # failed attempt, the last attempt at the end of the window; then the delivery is `dead`.  A fraction
+    # is fine (tests use seconds).  Permanent refusals are dead at once.  Either way `retry D<id>` sends again.
+    give_up_after_hours: float = Field(24.0, gt=0, le=24 * 366)
+    # Exponential backoff with equal jitter: the n-th retry waits between half and all of
+    # min(max, initial * 2**(n-1)).
     initial_backoff_seconds: float = Field(5.0, gt=0)
     max_backoff_seconds: float = Field(600.0, gt=0)
+    # While a destination fails, one probe per destination (C-ECHO; HTTP HEAD of a DICOMweb root;
+    # GET /system of Orthanc) this often: once it answers again, its waiting deliveries go at once
+    # instead of sleeping out their backoff.
+    probe_seconds: float = Field(10.0, gt=0, le=3600)
     concurrent: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_attempt_limit(cls, data: object) -> object:
+        if isinstance(data, dict) and "max_attempts" in data:
+            raise ValueError(
+                "max_attempts is gone: deliveries now retry transient failures for a time, "
+                "give_up_after_hours (default 24); remove max_attempts"
+            )
+        return data
 
 
 class WorkersSection(_Section):
@@ -321,6 +340,11 @@ class WorkersSection(_Section):
 class LoggingSection(_Section):
     level: str = "INFO"
     file: Path | None = None
+    # `file` is rotated once it reaches max_mb MiB (dicom-ai-node.log -> .log.1 -> ... -> .log.<backups>,
+    # the oldest dropped); the node and its workers share it (logs.SharedRotatingFileHandler).
+    # 0 = never rotated by the node (an external logrotate, without copytruncate, may move it away).
+    max_mb: int = Field(100, ge=0)
+    backups: int = Field(5, ge=1, le=1000)
 
     @field_validator("level")
     @classmethod
@@ -374,7 +398,7 @@ class Config(_Section):
         return self
 
 
-class ConfigError(Exception):
+class ConfigError(NodeError):
     """The configuration file is missing, unreadable or invalid; the message says where."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -46,6 +47,8 @@ STABLE_SECONDS = 3
 TIMEOUT_SECONDS = {"start": 60, "receive": 120, "complete": STABLE_SECONDS + 30, "inference": 300}
 _POLL_SECONDS = 0.2
 _FINAL_JOB_STATES = {"done", "failed", "skipped", "cancelled"}
+# A routed series shows how far its results got (a demo has no destinations, so "routed" stays).
+_ROUTED_STATES = {"routed", queries.PARTLY_DELIVERED, queries.DELIVERED}
 
 # Only what differs from the embedded defaults: a node of its own in the demo folder.
 _CONFIG = """\
@@ -238,7 +241,7 @@ def _tour(
             row = _series_row(engine, phantom)
             if row and row["state"] == "not-routed":
                 raise NodeError(f"the series was not routed: {row['state_reason']}")
-            return row if row and row["state"] == "routed" else None
+            return row if row and row["state"] in _ROUTED_STATES else None
 
         _wait(node, "complete", routed)
         stages.end("complete, routed to the model")
@@ -441,16 +444,26 @@ def _print_summary(console: Console, summary: DemoSummary) -> None:
     if not summary.kept:
         return
     console.print("\nLook further (these read the demo node's database and storage):")
+    program, config = cli_program(), shlex.quote(str(summary.config_path))
     jobs = [f"job show {job.job_id}" for job in summary.jobs]
     for command in ["studies", f"series {summary.study_uid}", "jobs", *jobs, "events"]:
-        line(f"  dicom-ai-node {command} --config {summary.config_path}")
-    line(f"  dicom-ai-node serve --config {summary.config_path}   (runs the demo node again)")
+        line(f"  {program} {command} --config {config}")
+    line(f"  {program} serve --config {config}   # runs the demo node again")
     console.print(
         f"\nThe demo folder {summary.workdir} is kept: phantom/ (the CT sent), storage/ (what the node stored, "
         "with the SEG and SR), the SQLite database and node.log. Delete it when you are done.",
         markup=False,
         highlight=False,
     )
+
+
+def cli_program() -> str:
+    """This CLI as a shell runs it: `dicom-ai-node` if that name finds this installation, else a full path."""
+    beside = Path(sys.executable).parent / "dicom-ai-node"  # the console script of this Python's installation
+    found = shutil.which("dicom-ai-node")
+    if beside.exists():
+        return "dicom-ai-node" if found and Path(found).resolve() == beside.resolve() else shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m dicom_ai_node"
 
 
 def _print_log_tail(console: Console, log_path: Path, lines: int = 40) -> None:

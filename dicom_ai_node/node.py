@@ -8,9 +8,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from dicom_ai_node.config import Config
 from dicom_ai_node.delivery.runner import DeliveryRunner
+from dicom_ai_node.errors import StartupError
 from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
@@ -26,12 +28,15 @@ from dicom_ai_node.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
+# A start that failed stops what it had started within this long: nothing was served yet.
+_FAILED_START_STOP_SECONDS = 5.0
+
 
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.engine = make_engine(config.database.url)
-        require_current_schema(self.engine)
+        require_current_schema(self.engine, config.source)
         self.index = Index(self.engine)
         self.store = InstanceStore(
             config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
@@ -66,23 +71,73 @@ class Node:
                 log.exception("series stages failed; retrying in %.1f s", interval)
 
     def start(self) -> None:
-        reconcile(self.engine, self.config.storage.path, self._max_in_flight())  # before anyone is served
-        requeued = self.queue.requeue_interrupted()
-        if requeued:
-            log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)
-        resent = self.deliveries.requeue_interrupted()
-        if resent:
-            log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
-        self._hold_interrupted_series()
-        self.advance()  # series a previous run left complete but not yet routed
-        self._stages.start()
-        self.delivery.start()
-        if self.config.workers.processes:
-            self._start_workers()
-        self.scp.start()
-        self.web.start()
+        """Listen, repair, serve, then start workers, pullers, delivery and the series stages.
+
+        The listening sockets (DICOM plain and TLS, DICOMweb) are bound first, so a port
+        in use (another node on this database, perhaps) stops start-up before it touches
+        the database or the storage; they are served only once the start-up repair is
+        done.  If any part cannot start, what had started is stopped again and a
+        StartupError (any NodeError) says what failed; nothing is left running.
+        """
+        started: list[Callable[[float], object]] = []  # stop paths of what has started, each given a deadline
+        try:
+            started.append(self._stop_listeners)  # also closes what a failing bind() got to bind
+            self.scp.bind()
+            self.web.bind()
+            reconcile(self.engine, self.config.storage.path, self._max_in_flight())  # before anyone is served
+            requeued = self.queue.requeue_interrupted()
+            if requeued:
+                log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)
+            resent = self.deliveries.requeue_interrupted()
+            if resent:
+                log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
+            self._hold_interrupted_series()
+            self.advance()  # series a previous run left complete but not yet routed
+            self.scp.start()
+            self.web.start()
+            if self.config.workers.processes:
+                started.append(self._stop_started_workers)
+                self._start_workers()
+            started.append(self._stop_pullers)
+            for puller in self.pullers:
+                puller.start()
+            self.delivery.start()
+            started.append(self.delivery.stop)
+            self._stages.start()
+        except BaseException as exc:
+            self._stop_after_failed_start(started)
+            if isinstance(exc, OSError):  # e.g. the storage cannot be written: the admin's to fix
+                raise StartupError(f"cannot start: {exc}") from exc
+            raise
+
+    def _stop_after_failed_start(self, started: list[Callable[[float], object]]) -> None:
+        """Stop, newest first, what a failed `start` had started, within _FAILED_START_STOP_SECONDS."""
+        deadline = time.monotonic() + _FAILED_START_STOP_SECONDS
+        self._stop.set()
+        for stop in reversed(started):
+            try:
+                stop(deadline)
+            except Exception:  # the start-up failure is what the admin must see; this goes to the log
+                log.warning("while stopping after a failed start", exc_info=True)
+        self.engine.dispose()
+
+    def _stop_listeners(self, deadline: float) -> None:
+        self.scp.stop_accepting()
+        self.web.stop(deadline)
+        self.scp.drain(deadline)
+
+    def _stop_pullers(self, deadline: float) -> None:
         for puller in self.pullers:
-            puller.start()
+            puller.stop(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _stop_started_workers(self, deadline: float) -> None:
+        for process in self._workers:
+            process.terminate()
+        for process in self._workers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
 
     def _max_in_flight(self) -> int:
         """How many instances can be being written at once: one per association, per source, per STOW thread."""
@@ -159,8 +214,11 @@ class Node:
 
 
 def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    node = Node(config)
+    """Run until SIGTERM or SIGINT; if the node cannot start, a NodeError (e.g. StartupError), nothing left running."""
+    try:
+        node = Node(config)
+    except OSError as exc:  # e.g. the storage folder cannot be made: the admin's to fix
+        raise StartupError(f"cannot start: {exc}") from exc
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

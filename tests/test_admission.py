@@ -78,7 +78,9 @@ def test_per_host_limit_and_one_record_per_kind_and_host_per_minute():
     admission, recorded = _admission(max_pending=10, max_associations=10, max_per_host=1)
     assert admission.request(FakeConnection(), "10.0.0.1", "CT1") is None
     for _ in range(5):
-        assert admission.request(FakeConnection(), "10.0.0.1", "CT1") is not None
+        refusal = admission.request(FakeConnection(), "10.0.0.1", "CT1")
+        assert refusal is not None
+        admission.refuse(refusal)  # as the SCP does once it has rejected the association
     assert admission.request(FakeConnection(), "10.0.0.2", "CT2") is None
     assert admission.refused["association-limit"] == 5
     assert len(recorded) == 1 and "10.0.0.1 already has 1 associations open" in recorded[0][0].reason

@@ -35,7 +35,7 @@ def _delivering_node(node_factory, destinations: dict, **extra):
         destinations=destinations,
         routes=[{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["ct-tissue"],
                  "destinations": list(destinations)}],
-        delivery={"initial_backoff_seconds": 1.0, "max_backoff_seconds": 3.0, "max_attempts": 30},
+        delivery={"initial_backoff_seconds": 1.0, "max_backoff_seconds": 3.0},
         **extra,
     )
 

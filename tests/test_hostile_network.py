@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -470,3 +471,25 @@ def test_large_pdus_are_read_up_to_the_negotiated_maximum_from_the_first(node_fa
     assert "A-ABORT" not in node.log()
     (study,) = node.json("studies")
     assert study["NumberOfStudyRelatedInstances"] == 5
+
+
+def test_a_caller_not_allowed_is_rejected_even_when_the_audit_trail_cannot_be_written(node_factory, tmp_path):
+    """Issue 9.4: the rejection was sent after its audit row; with the database locked, writing the row
+    failed inside pynetdicom's handler, which swallowed the error and accepted the association."""
+    node = node_factory(dimse={"allowed_callers": [{"ae_title": "CT_SCANNER"}]})
+    node.start()
+    (path,) = CTPhantom(slices=1, rows=32, columns=32).write(tmp_path / "ct")
+    database = sqlite3.connect(node.database_url.removeprefix("sqlite:///"), isolation_level=None, timeout=5)
+    database.execute("BEGIN EXCLUSIVE")  # no one else writes (or reads) until this ends
+    try:
+        started = time.monotonic()
+        intruder = storescu(node.port, path, calling="INTRUDER")
+        assert intruder.returncode != 0 and "Association Rejected" in intruder.stderr, intruder.stderr
+        assert time.monotonic() - started < 10, "the rejection waited for the audit trail"
+    finally:
+        database.execute("ROLLBACK")
+        database.close()
+    node.wait_for(lambda: any(row["kind"] == "association-rejected" for row in node.json("events")), timeout=40,
+                  what="the rejection in the audit trail once the database is free")
+    assert not list(node.storage.rglob("*.dcm"))
+    assert storescu(node.port, path, calling="CT_SCANNER").returncode == 0

@@ -75,6 +75,23 @@ def connection_problem(exc: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
+def http_probe(url: str, destination: DestinationConfig, timeout: float, method: str = "HEAD") -> bool | None:
+    """Does the server at `url` answer, with the destination's credentials and TLS?  Any HTTP status below
+    500 counts (401 and 404 too: the server is up, the send will tell the rest); 5xx (a proxy in front
+    of a server that is down, or a server starting) and no connection do not.  None: cannot probe."""
+    try:
+        auth, token = http_credentials(destination)
+    except CredentialsError:
+        return None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = requests.request(method, url, auth=auth, headers=headers, timeout=timeout, allow_redirects=False)
+    except requests.RequestException:
+        return False
+    response.close()
+    return response.status_code < 500
+
+
 def transient_http_status(status: int) -> bool:
     """Request timeout, rate limiting and server-side errors pass; other 4xx say the request itself is wrong."""
     return status in (408, 429) or status >= 500
@@ -133,6 +150,11 @@ class StowRsSender:
             return Outcome(False, False, f"cannot connect to {self.url}: {connection_problem(exc)}")
         log.debug("%s: STOW-RS of %d object(s) -> HTTP %d", self.name, len(files), response.status_code)
         return self._outcome(response, uids)
+
+    def probe(self, timeout: float) -> bool | None:
+        """HEAD of the DICOMweb root: see http_probe."""
+        assert self.destination.url
+        return http_probe(self.destination.url, self.destination, timeout)
 
     def _outcome(self, response: requests.Response, uids: list[str]) -> Outcome:
         status = response.status_code

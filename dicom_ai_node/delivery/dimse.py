@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from ..config import DestinationConfig
@@ -98,6 +99,40 @@ class DimseSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def probe(self, timeout: float) -> bool | None:
+        """Does the destination answer?  A TCP connection first (so a PACS that is down costs one refused
+        connection and no pynetdicom error in the log), then a C-ECHO in an association made as send()
+        makes it (our AE title, TLS).  An association accepted or rejected for good counts as an answer
+        (it is up: the send will tell what it thinks of us); a transient rejection, as not answering."""
+        try:
+            tls = _tls_context(self.destination) if self.destination.tls else None
+        except _Unusable:
+            return None
+        try:
+            socket.create_connection((self.destination.host, self.destination.port), timeout=timeout).close()
+        except OSError:
+            return False
+        ae = AE(ae_title=self.our_ae_title)
+        ae.add_requested_context(Verification)
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        try:
+            assoc = ae.associate(
+                self.destination.host,
+                self.destination.port,
+                ae_title=self.destination.ae_title,
+                tls_args=(tls, self.destination.host) if tls else None,
+            )
+        except OSError:
+            return False
+        if assoc.is_established:
+            try:
+                assoc.send_c_echo()
+            finally:
+                assoc.release()
+            return True
+        answer = assoc.acceptor.primitive
+        return answer is not None and answer.result in (0x00, 0x01)  # 0x00: accepted, but not Verification
 
     def _store(self, assoc: Association, objects: list[_Object]) -> Outcome:
         warnings: list[tuple[int, str]] = []

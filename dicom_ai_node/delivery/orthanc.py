@@ -21,7 +21,7 @@ from orthanc_api_client import exceptions as orthanc_errors
 from requests.adapters import HTTPAdapter
 
 from ..config import DestinationConfig
-from .dicomweb import CredentialsError, connection_problem, http_credentials, transient_http_status
+from .dicomweb import CredentialsError, connection_problem, http_credentials, http_probe, transient_http_status
 from .outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ class OrthancRestSender:
             return Outcome(False, False, f"Orthanc at {self.url}: {exc}")
         finally:
             client.close()
+
+    def probe(self, timeout: float) -> bool | None:
+        """GET /system, the cheapest call Orthanc answers with its own status: see http_probe."""
+        return http_probe(self.url + "/system", self.destination, timeout, method="GET")
 
     def _send(self, client: OrthancApiClient, files: list[Path]) -> Outcome:
         if self.destination.labels:

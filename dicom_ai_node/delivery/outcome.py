@@ -21,3 +21,8 @@ class Sender(Protocol):
     def send(self, files: list[Path]) -> Outcome:
         """Send all `files` (Part 10 SEG/SR) in ONE association / request / session."""
         ...
+
+    def probe(self, timeout: float) -> bool | None:
+        """Does the destination answer at all (C-ECHO, HTTP HEAD or GET), within `timeout` seconds?
+        None when it cannot be probed (missing credentials or TLS files: the send says why)."""
+        ...

@@ -188,7 +188,7 @@ def loaded_models(config: Config, fresh_seconds: float = 60.0) -> dict[str, list
 def worker_main(config_path: Path | None, parent_pid: int | None = None) -> None:
     """Entry point of a worker process; `parent_pid` is the node that started it, if any."""
     config = load_config(config_path)
-    setup_logging(config.logging.level, config.logging.file)
+    setup_logging(config.logging.level, config.logging.file, config.logging.max_mb, config.logging.backups)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

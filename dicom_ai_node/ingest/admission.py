@@ -104,7 +104,8 @@ class Admission:
     def request(self, connection: Connection, host: str, calling_ae_title: str) -> Refusal | None:
         """The connection sent its A-ASSOCIATE-RQ: take a slot, or say why there is none.
 
-        The refusal is recorded (`record` must not raise) before the caller rejects.
+        The caller rejects the association, then reports the refusal with `refuse`:
+        acting comes before recording, which may wait on the database.
         """
         with self._lock:
             self._waiting.pop(connection, None)
@@ -127,7 +128,6 @@ class Admission:
             else:
                 self._admitted[connection] = host
                 return None
-        self.refuse(refusal)
         return refusal
 
     def closed(self, connection: Connection) -> bool:

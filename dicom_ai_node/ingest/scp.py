@@ -22,14 +22,15 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicom_ai_node.config import Config, DimseTLS
+from dicom_ai_node.errors import StartupError
 from dicom_ai_node.ingest.admission import REJECT_CONGESTION, REJECT_LOCAL_LIMIT, Admission, Refusal
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from dicom_ai_node.ingest.part10 import part10
 from dicom_ai_node.ingest.policy import AssociationPolicy, Rejection, certificate_subject, describe_subject
 from dicom_ai_node.ingest.receive import SUCCESS, Receiver
-from dicom_ai_node.ingest.transport import GuardedServer, start_acceptor
+from dicom_ai_node.ingest.transport import GuardedServer, bind_acceptor, serve_acceptor
 from dicom_ai_node.store.files import InstanceStore
-from dicom_ai_node.store.index import Index, Outcome, Sender
+from dicom_ai_node.store.index import Arrivals, Index, Outcome, Sender
 from dicom_ai_node.tls import apply_bcp195
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _AssociationTally:
     duplicates: int = 0
     failed: int = 0
     bytes: int = 0
+    arrivals: Arrivals = field(default_factory=Arrivals)  # per series: a series sent again whole is an event
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -82,6 +84,7 @@ class StorageSCP:
             max_per_host=dimse.max_associations_per_host,
             record=self._record_refusal,
         )
+        self._bound: list[GuardedServer] = []  # listening, not yet served (see `bind`)
         self._servers: list[GuardedServer] = []
         self._stopping = False
         self.ae = self._application_entity()
@@ -100,7 +103,14 @@ class StorageSCP:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Bind the listening sockets (plain and TLS); connections wait in the kernel until `start` serves them.
+
+        Raises StartupError naming the port and its setting if one cannot be bound, or
+        the TLS certificate cannot be loaded; whatever was bound is closed again.
+        """
+        if self._bound or self._servers:
+            return
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -110,28 +120,50 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         dimse = self.config.dimse
-        listeners: list[tuple[int, ssl.SSLContext | None]] = [(dimse.port, None)] if dimse.plain else []
+        listeners: list[tuple[int, str, ssl.SSLContext | None]] = []  # port, its setting, TLS
+        if dimse.plain:
+            listeners.append((dimse.port, "dimse.port", None))
         if dimse.tls is not None:
-            listeners.append((dimse.tls.port, server_tls_context(dimse.tls)))
-        for port, tls in listeners:
-            self._servers.append(
-                start_acceptor(self.ae, (dimse.bind, port), handlers, self.admission, dimse.max_dataset_mb << 20, tls)
-            )
+            listeners.append((dimse.tls.port, "dimse.tls.port", server_tls_context(dimse.tls)))
+        for port, key, tls in listeners:
+            try:
+                server = bind_acceptor(self.ae, (dimse.bind, port), handlers, self.admission,
+                                       dimse.max_dataset_mb << 20, tls)
+            except OSError as exc:
+                self._close_bound()
+                what = "DICOM TLS" if tls else "DICOM"
+                raise StartupError.cannot_listen(what, dimse.bind, port, key, "dimse.bind", exc) from exc
+            self._bound.append(server)
+
+    def start(self) -> None:
+        """Serve the listening sockets (binding them first unless `bind` did); raises StartupError as `bind` does."""
+        self.bind()
+        dimse = self.config.dimse
+        for server in self._bound:
+            serve_acceptor(server)
+            self._servers.append(server)
             log.info(
                 "DICOM SCP %s listening on %s:%d%s (max %d associations)",
                 self.config.node.ae_title,
                 dimse.bind,
-                port,
-                " with TLS" if tls else "",
+                server.server_address[1],
+                " with TLS" if server.ssl_context else "",
                 dimse.max_associations,
             )
+        self._bound.clear()
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; open associations go on (see `drain`), new requests are turned away."""
         self._stopping = True
+        self._close_bound()
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
+
+    def _close_bound(self) -> None:
+        for server in self._bound:  # never served: shutdown() would wait for a serve_forever that never ran
+            server.server_close()
+        self._bound.clear()
 
     def drain(self, deadline: float) -> None:
         """Let open associations finish until `deadline` (time.monotonic()), then abort the rest.
@@ -169,25 +201,30 @@ class StorageSCP:
             log.exception("could not record in the audit trail: %s", refusal.reason)
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Accept, or reject with the reason.
+        """Accept, or reject with the reason; the rejection is sent first, then logged and recorded.
 
         pynetdicom swallows a handler's exceptions and then accepts the
         association, so this handler fails closed: whatever goes wrong in it
-        rejects the association.
+        rejects the association.  The audit trail comes last, because writing it
+        may wait on (or fail with) the database.
         """
         association = event.assoc
         try:
-            rejected = self._rejection(association)
+            refused = self._refusal(association)
         except Exception:
             log.exception("association request from %s could not be checked: rejected", association.requestor.address)
             self.admission.closed(association)
-            rejected = REJECT_LOCAL_LIMIT
-        if rejected is not None:
-            association.acse.send_reject(*rejected)
-            association.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ first
+            refused = REJECT_LOCAL_LIMIT, None
+        if refused is None:
+            return
+        result_source_diagnostic, refusal = refused
+        association.acse.send_reject(*result_source_diagnostic)
+        association.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ first
+        if refusal is not None:
+            self.admission.refuse(refusal)
 
-    def _rejection(self, association: Association) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason) to answer."""
+    def _refusal(self, association: Association) -> tuple[tuple[int, int, int], Refusal] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason) to answer and the refusal to report."""
         request = association.requestor.primitive
         calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
         host = association.requestor.address
@@ -198,13 +235,11 @@ class StorageSCP:
             rejection = Rejection("the node is shutting down", REJECT_CONGESTION)
         if rejection is not None:
             self.admission.closed(association)
-            self.admission.refuse(Refusal(
-                "association-rejected", host, f"association from {calling}@{host} rejected: {rejection.reason}",
-                calling[:16],
-            ))
-            return rejection.result_source_diagnostic
-        if self.admission.request(association, host, calling) is not None:
-            return REJECT_LOCAL_LIMIT
+            reason = f"association from {calling}@{host} rejected: {rejection.reason}"
+            return rejection.result_source_diagnostic, Refusal("association-rejected", host, reason, calling[:16])
+        refusal = self.admission.request(association, host, calling)
+        if refusal is not None:
+            return REJECT_LOCAL_LIMIT, refusal
         if subject is not None:
             log.info("association from %s@%s: TLS client certificate %s", calling, host, describe_subject(subject))
         return None
@@ -261,6 +296,13 @@ class StorageSCP:
             tally.duplicates,
             tally.failed,
         )
+        resent = tally.arrivals.only_duplicates()
+        if resent:
+            try:
+                self.index.record_resent(tally.sender, resent)
+            except Exception:  # the stores are done and answered; only the audit line is lost
+                log.exception("could not record in the audit trail: %d series sent again by %s", len(resent),
+                              tally.sender)
 
     @staticmethod
     def _on_echo(event: evt.Event) -> int:
@@ -296,7 +338,10 @@ class StorageSCP:
         )
         if not received.ok:
             return _status(received.status, received.reason)
-        if received.outcome is Outcome.DUPLICATE:
+        assert received.header is not None  # stored: its header was read
+        duplicate = received.outcome is Outcome.DUPLICATE
+        tally.arrivals.count(received.header.study_instance_uid, received.header.series_instance_uid, duplicate)
+        if duplicate:
             tally.duplicates += 1
         else:
             tally.stored += 1
@@ -310,11 +355,13 @@ def server_tls_context(tls: DimseTLS) -> ssl.SSLContext:
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"dimse.tls: cannot load cert_file {tls.cert_file} with key_file {tls.key_file}: {exc}") from None
+        raise StartupError(
+            f"cannot start: dimse.tls: cannot load cert_file {tls.cert_file} with key_file {tls.key_file}: {exc}"
+        ) from None
     if tls.ca_file is not None:
         try:
             context.load_verify_locations(tls.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise OSError(f"dimse.tls: cannot load ca_file {tls.ca_file}: {exc}") from None
+            raise StartupError(f"cannot start: dimse.tls: cannot load ca_file {tls.ca_file}: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return context

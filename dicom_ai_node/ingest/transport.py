@@ -460,7 +460,7 @@ def _close_quietly(sock: socket.socket) -> None:
     sock.close()
 
 
-def start_acceptor(
+def bind_acceptor(
     ae: AE,
     address: tuple[str, int],
     handlers: Sequence[tuple],
@@ -468,7 +468,13 @@ def start_acceptor(
     max_dataset_bytes: int,
     ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedServer:
-    """Like `AE.start_server(address, block=False)`, with the tuned and guarded association objects."""
+    """Like `AE.make_server`, with the tuned and guarded association objects: `bind_acceptor` then
+    `serve_acceptor` is `AE.start_server(address, block=False)`.  The socket is bound and listening on return;
+    connections wait in the kernel's backlog until `serve_acceptor`.
+
+    Raises OSError if the address cannot be bound.  Close an acceptor never served with
+    `server_close()`: `shutdown()` waits for `serve_forever` to end, so it would wait for ever.
+    """
     server = ae.make_server(
         address,
         contexts=[SharedUIDContext.of(context) for context in ae.supported_contexts],
@@ -479,6 +485,10 @@ def start_acceptor(
     )
     server.admission = admission
     server.max_dataset_bytes = max_dataset_bytes
-    ae._servers.append(server)  # as start_server does: the server's shutdown() removes it again
-    threading.Thread(target=server.serve_forever, name=f"dicom-scp:{address[1]}", daemon=True).start()
     return server
+
+
+def serve_acceptor(server: GuardedServer) -> None:
+    """Accept connections on a bound acceptor, in a daemon thread, until `server.shutdown()`."""
+    server.ae._servers.append(server)  # as start_server does: the server's shutdown() removes it again
+    threading.Thread(target=server.serve_forever, name=f"dicom-scp:{server.server_address[1]}", daemon=True).start()

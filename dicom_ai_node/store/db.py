@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from alembic import command
@@ -12,18 +13,18 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from dicom_ai_node.errors import NodeError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class DatabaseNotReady(RuntimeError):
+class DatabaseNotReady(NodeError):
     """The database is unreachable or its schema is not at the current migration."""
 
 
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if parsed.get_backend_name() == "sqlite":  # the file and its folder are made by `upgrade` only
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -66,13 +67,32 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Bring the schema to the newest migration; returns (before, after)."""
+    database = _sqlite_file(engine)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     before = current_revision(engine)
     command.upgrade(_alembic_config(engine), "head")
     return before, head_revision()
 
 
-def require_current_schema(engine: Engine) -> None:
+def _sqlite_file(engine: Engine) -> Path | None:
+    """The file of an SQLite database (None for PostgreSQL or an in-memory database)."""
+    database = engine.url.database
+    if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def require_current_schema(engine: Engine, config_path: Path | None = None) -> None:
+    """Raise DatabaseNotReady unless the schema is current; an SQLite file that does not exist is not created.
+
+    `config_path`, the configuration file in use, goes into the command the message suggests.
+    """
+    upgrade_command = "dicom-ai-node db upgrade" + (f" --config {shlex.quote(str(config_path))}" if config_path else "")
+    database = _sqlite_file(engine)
+    if database is not None and not database.exists():
+        raise DatabaseNotReady(f"the database {database} does not exist yet; run: {upgrade_command}")
     current, head = current_revision(engine), head_revision()
     if current != head:
         state = "has no schema yet" if current is None else f"is at migration {current}, the node needs {head}"
-        raise DatabaseNotReady(f"the database {state}; run: dicom-ai-node db upgrade")
+        raise DatabaseNotReady(f"the database {state}; run: {upgrade_command}")

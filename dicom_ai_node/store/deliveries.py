@@ -1,10 +1,13 @@
 """The delivery queue in SQL: one row per (result set, destination), with every attempt counted.
 
 Nothing is deleted while undelivered.  A transient failure schedules the next
-attempt with exponential backoff and jitter; a permanent one (or running out of
-attempts) makes the delivery `dead` with the reason, until an admin retries it.
-Claims are ordered by due time, so a destination that is down delays only its
-own deliveries, never those to other destinations or of other studies.
+attempt with exponential backoff and jitter, for `give_up_after_hours` from the
+first failure of the run (the last attempt falls at the end of that window); a
+permanent failure, or one still transient at the end of the window, makes the
+delivery `dead` with the reason and the command that sends it again.  Claims are
+ordered by due time, so a destination that is down delays only its own
+deliveries, never those to other destinations or of other studies; the delivery
+runner's probe makes them due at once when the destination answers again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, exists, func, select, update
 
 from dicom_ai_node.config import DeliverySection
 from dicom_ai_node.delivery.outcome import Outcome
@@ -22,6 +25,7 @@ from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
     Delivery,
     DeliveryState,
+    Event,
     Instance,
     Job,
     JobState,
@@ -43,6 +47,15 @@ class ClaimedDelivery:
     series_instance_uid: str
     calling_ae_title: str | None  # of the source series: where `origin` sends back to
     files: list[Path]
+    failing_since: dt.datetime | None = None  # first failed attempt of the current run of failures
+
+
+class ResendRefused(Exception):
+    """`resend` cannot queue anything; the message says why and what to do instead."""
+
+
+ORIGIN = "origin"
+RETRY_COMMAND = "dicom-ai-node retry D{id}"
 
 
 def backoff_seconds(failures: int, settings: DeliverySection) -> float:
@@ -140,8 +153,8 @@ class DeliveryQueue:
 
     def _describe(self, connection: Connection, delivery_id: int) -> ClaimedDelivery:
         row = connection.execute(
-            select(Delivery.id, Delivery.destination, Delivery.attempts, Delivery.job_id, Series.id.label("series_id"),
-                   Series.series_instance_uid, Study.study_instance_uid)
+            select(Delivery.id, Delivery.destination, Delivery.attempts, Delivery.job_id, Delivery.failing_since,
+                   Series.id.label("series_id"), Series.series_instance_uid, Study.study_instance_uid)
             .join(Job, Job.id == Delivery.job_id)
             .join(Series, Series.id == Job.series_id)
             .join(Study, Study.id == Series.study_id)
@@ -163,38 +176,56 @@ class DeliveryQueue:
             series_instance_uid=row.series_instance_uid,
             calling_ae_title=calling,
             files=[self.storage_root / r.file_path for r in results],
+            failing_since=row.failing_since,
         )
 
     def record(self, delivery: ClaimedDelivery, outcome: Outcome) -> DeliveryState:
         now = utcnow()
+        failing_since = None if outcome.delivered else delivery.failing_since or now
+        give_up_at = (failing_since or now) + dt.timedelta(hours=self.settings.give_up_after_hours)
+        again = RETRY_COMMAND.format(id=delivery.id)
+        last_error = None if outcome.delivered else outcome.reason
         if outcome.delivered:
             state, next_at = DeliveryState.DELIVERED, now
-        elif outcome.permanent or delivery.attempt >= self.settings.max_attempts:
+        elif outcome.permanent or now >= give_up_at:
             state, next_at = DeliveryState.DEAD, now
+            last_error = f"{outcome.reason}; send it again with: {again}"
         else:
             state = DeliveryState.FAILED
-            next_at = now + dt.timedelta(seconds=backoff_seconds(delivery.attempt, self.settings))
+            # Never past the end of the window: the last attempt is made there, then the delivery is dead.
+            next_at = min(now + dt.timedelta(seconds=backoff_seconds(delivery.attempt, self.settings)), give_up_at)
         with self.engine.begin() as connection:
             connection.execute(
                 update(_deliveries)
                 .where(_deliveries.c.id == delivery.id)
                 .values(
                     state=state.value,
-                    last_error=None if outcome.delivered else outcome.reason,
+                    last_error=last_error,
                     remote_status=outcome.remote_status,
                     next_attempt_at=next_at,
                     delivered_at=now if outcome.delivered else None,
+                    failing_since=failing_since,
                 )
             )
             what = f"delivery {delivery.id} of {len(delivery.files)} object(s) to {delivery.destination}"
             if state is DeliveryState.DELIVERED:
                 message, level = f"{what}: delivered (attempt {delivery.attempt})", "info"
             elif state is DeliveryState.DEAD:
-                why = "permanent failure" if outcome.permanent else f"gave up after {delivery.attempt} attempts"
-                message, level = f"{what}: dead, {why}: {outcome.reason}", "error"
+                if outcome.permanent:
+                    why, fix = "permanent failure", f"once that is fixed, send it again with: {again}"
+                else:
+                    assert failing_since is not None
+                    why = (f"gave up: still failing {_duration((now - failing_since).total_seconds())} after the "
+                           f"first failed attempt ({delivery.attempt} attempt(s), delivery.give_up_after_hours = "
+                           f"{self.settings.give_up_after_hours:g})")
+                    fix = f"send it again with: {again}"
+                message, level = f"{what}: dead, {why}: {outcome.reason}; {fix}", "error"
             else:
                 wait = (next_at - now).total_seconds()
-                message, level = f"{what}: attempt {delivery.attempt} failed ({outcome.reason}); retry in {wait:.0f} s", "warning"
+                left = (give_up_at - now).total_seconds()
+                message = (f"{what}: attempt {delivery.attempt} failed ({outcome.reason}); retry in {wait:.0f} s "
+                           f"or as soon as the destination answers again (gives up in {_duration(left)})")
+                level = "warning"
             insert_event(
                 connection,
                 f"delivery-{state.value}",
@@ -205,10 +236,69 @@ class DeliveryQueue:
             )
         return state
 
+    # The delivery runner's probe ---------------------------------------------------------
+
+    def waiting_destinations(self) -> list[tuple[str, str | None]]:
+        """(destination, calling AE title for `origin`, else None) of every delivery waiting to be retried."""
+        with self.engine.connect() as connection:
+            named = connection.execute(
+                select(Delivery.destination)
+                .where(Delivery.state == DeliveryState.FAILED.value, Delivery.destination != ORIGIN)
+                .distinct()
+            ).scalars().all()
+            callers = connection.execute(
+                select(Instance.calling_ae_title)
+                .join(Job, Job.series_id == Instance.series_id)
+                .join(Delivery, Delivery.job_id == Job.id)
+                .where(Delivery.state == DeliveryState.FAILED.value, Delivery.destination == ORIGIN)
+                .distinct()
+            ).scalars().all()
+        return [(name, None) for name in named] + [(ORIGIN, calling) for calling in callers if calling]
+
+    def undelivered(self, destination: str, calling_ae_title: str | None = None) -> int:
+        """How many deliveries to `destination` are still to be sent: waiting after a failure, due, or being sent."""
+        undelivered = (DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value)
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(func.count()).select_from(_deliveries).where(*self._to(destination, calling_ae_title, undelivered))
+            ).scalar_one()
+
+    def due_now(self, destination: str, calling_ae_title: str | None = None) -> int:
+        """The destination answers again: its deliveries waiting out a backoff are due now."""
+        now = utcnow()
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(_deliveries)
+                .where(*self._to(destination, calling_ae_title, (DeliveryState.FAILED.value,)),
+                       _deliveries.c.next_attempt_at > now)
+                .values(next_attempt_at=now)
+            ).rowcount
+
+    def note_resumed(self, name: str, count: int) -> None:
+        with self.engine.begin() as connection:
+            insert_event(
+                connection,
+                "delivery-resumed",
+                f"destination {name} answers again: {count} waiting delivery(ies) sent now, not after their backoff",
+            )
+
+    @staticmethod
+    def _to(destination: str, calling_ae_title: str | None, states: tuple[str, ...]) -> list:
+        conditions = [_deliveries.c.state.in_(states), _deliveries.c.destination == destination]
+        if destination == ORIGIN:  # `origin` is a different peer for each sender
+            conditions.append(
+                exists().where(
+                    Job.id == _deliveries.c.job_id,
+                    Instance.series_id == Job.series_id,
+                    Instance.calling_ae_title == calling_ae_title,
+                )
+            )
+        return conditions
+
     # Admin actions -----------------------------------------------------------------------
 
     def retry(self, delivery_id: int) -> bool:
-        """Send a dead or failed delivery again now, with a fresh attempt budget."""
+        """Send a dead or failed delivery again now, with a fresh give-up window."""
         with self.engine.begin() as connection:
             return bool(
                 connection.execute(
@@ -217,7 +307,7 @@ class DeliveryQueue:
                         _deliveries.c.id == delivery_id,
                         _deliveries.c.state.in_((DeliveryState.DEAD.value, DeliveryState.FAILED.value)),
                     )
-                    .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
+                    .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(), failing_since=None)
                 ).rowcount
             )
 
@@ -226,19 +316,59 @@ class DeliveryQueue:
             return connection.execute(
                 update(_deliveries)
                 .where(_deliveries.c.state.in_((DeliveryState.DEAD.value, DeliveryState.FAILED.value)))
-                .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow())
+                .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=utcnow(), failing_since=None)
             ).rowcount
 
     def resend(self, study_instance_uid: str, destination: str) -> int:
-        """Queue every finished result set of the study for `destination` again, even if delivered before."""
+        """Queue every finished result set of the study for `destination` again, even if delivered before.
+
+        Only result sets whose objects are still on file are queued; if the study's results were
+        purged, ResendRefused says so and what can be done instead (nothing is queued)."""
         with self.engine.begin() as connection:
             jobs = connection.execute(
                 select(Job.id)
                 .join(Series, Series.id == Job.series_id)
                 .join(Study, Study.id == Series.study_id)
                 .where(Study.study_instance_uid == study_instance_uid, Job.state == JobState.DONE.value)
+                .order_by(Job.id)
             ).scalars().all()
-            for job_id in jobs:
+            with_results = [
+                job_id for job_id in jobs
+                if connection.execute(select(exists().where(ResultObject.job_id == job_id))).scalar()
+            ]
+            if jobs and not with_results:
+                raise ResendRefused(self._nothing_on_file(connection, study_instance_uid, jobs))
+            for job_id in with_results:
                 _queue(connection, job_id, destination)
-            return len(jobs)
+            return len(with_results)
 
+    @staticmethod
+    def _nothing_on_file(connection: Connection, study_instance_uid: str, jobs: list[int]) -> str:
+        listed = ", ".join(f"J{job_id}" for job_id in jobs)
+        purged_at = connection.execute(
+            select(func.max(Event.at)).where(Event.study_instance_uid == study_instance_uid, Event.kind == "purged")
+        ).scalar()
+        images = connection.execute(
+            select(func.count(Instance.id))
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Study.study_instance_uid == study_instance_uid)
+        ).scalar_one()
+        if purged_at is None:
+            return (f"study {study_instance_uid}: the results of its finished job(s) ({listed}) are no longer "
+                    "on this node, so there is nothing to send (see: dicom-ai-node job show ID)")
+        what = f"study {study_instance_uid}: its results were purged on {purged_at:%Y-%m-%d %H:%M} UTC"
+        if images:  # purge removes both; should only the results be gone, the images can be processed again
+            return (f"{what}, nothing left to send; its images are still here, but a finished job cannot be "
+                    f"run again ({listed}): send the study to the node again to process it anew")
+        return (f"{what}, and its images with them, so there is nothing to send and nothing to re-process: "
+                "send the study to the node again (e.g. from the PACS) to process it anew; its results then go "
+                "to the route's destinations, and resend works again")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -83,6 +83,25 @@ class CompletedSeries:
     reprocess: bool
 
 
+class Arrivals:
+    """What one sending brought (an association, a STOW-RS request): new and duplicate instances per series.
+
+    A series whose instances were all stored before was sent again as a whole; `Index.record_resent`
+    says so once per series, where counting duplicates alone (`Series.duplicates_received`) would not.
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[str, list] = {}  # series UID -> [study UID, new, duplicates]
+
+    def count(self, study_instance_uid: str, series_instance_uid: str, duplicate: bool) -> None:
+        entry = self._series.setdefault(series_instance_uid, [study_instance_uid, 0, 0])
+        entry[2 if duplicate else 1] += 1
+
+    def only_duplicates(self) -> list[tuple[str, str, int]]:
+        """(study UID, series UID, instances) of each series that brought nothing new."""
+        return [(study, series, duplicates) for series, (study, new, duplicates) in self._series.items() if not new]
+
+
 def insert_event(connection: Connection, kind: str, message: str, level: str = "info", **uids: str | None) -> None:
     connection.execute(_events.insert().values(at=utcnow(), level=level, kind=kind, message=message, **uids))
 
@@ -310,6 +329,20 @@ class Index:
             if len(self._series_ids) >= _SERIES_CACHE_SIZE:
                 self._series_ids.pop(next(iter(self._series_ids)))  # oldest first: dicts keep insertion order
             self._series_ids[series_instance_uid] = series_id
+
+    def record_resent(self, sender: Sender, series: list[tuple[str, str, int]]) -> None:
+        """A `resent` event for each (study UID, series UID, instances) a sender sent again with nothing new."""
+        with self._write() as connection:
+            for study_instance_uid, series_instance_uid, count in series:
+                insert_event(
+                    connection,
+                    "resent",
+                    f"series {series_instance_uid} sent again by {sender}: all {count} instance(s) were stored "
+                    "already; the first copies are kept and nothing is processed again",
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    calling_ae_title=sender.ae_title,
+                )
 
     def record_event(
         self,

@@ -53,7 +53,7 @@ class DeliveryState(str, enum.Enum):
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"  # a transient failure; the next attempt is scheduled (next_attempt_at)
-    DEAD = "dead"  # permanent failure or attempts exhausted; `retry` sends it again
+    DEAD = "dead"  # permanent failure, or still failing after delivery.give_up_after_hours; `retry` sends it again
 
 
 class Study(Base):
@@ -224,6 +224,9 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     last_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # First failed attempt of the current run of transient failures (None once delivered or retried by
+    # hand): the delivery is dead when it still fails delivery.give_up_after_hours after this.
+    failing_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class SourceCursor(Base):

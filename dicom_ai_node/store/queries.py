@@ -26,13 +26,89 @@ from dicom_ai_node.store.models import (
     utcnow,
 )
 
-# The least advanced series decides the state shown for a whole study.
-_STATE_ORDER = [state.value for state in SeriesState]
+# States shown for a series and a study beyond the stored series states: how far the results of
+# a routed series got (from its deliveries), and a study whose files were purged (its `purged` event).
+PARTLY_DELIVERED = "partly delivered"
+DELIVERED = "delivered"
+PURGED = "purged"
+_ROUTED = SeriesState.ROUTED.value
+_UNFINISHED_JOBS = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
+
+
+def series_state(stored: str, jobs: dict[str, int], deliveries: dict[str, int], purged: bool = False) -> str:
+    """The state shown for a series: its stored state, or how far the results of a routed series got.
+
+    `jobs` and `deliveries` count the series' jobs and their deliveries by state. `delivered` once every
+    delivery is and no job is still to finish; `partly delivered` while only some are.
+    """
+    if purged:
+        return PURGED
+    delivered = deliveries.get(DeliveryState.DELIVERED.value, 0)
+    if stored != _ROUTED or not delivered:
+        return stored
+    if delivered == sum(deliveries.values()) and not any(jobs.get(state) for state in _UNFINISHED_JOBS):
+        return DELIVERED
+    return PARTLY_DELIVERED
 
 
 def study_state(series_states: list[str]) -> str:
-    known = [state for state in series_states if state in _STATE_ORDER]
-    return min(known, key=_STATE_ORDER.index) if known else "empty"
+    """The least advanced series decides; series not routed to a model count only when none was."""
+    for waiting in (SeriesState.RECEIVING.value, SeriesState.COMPLETE.value):
+        if waiting in series_states:
+            return waiting
+    routed = [state for state in series_states if state in (_ROUTED, PARTLY_DELIVERED, DELIVERED)]
+    if routed:
+        if all(state == DELIVERED for state in routed):
+            return DELIVERED
+        return _ROUTED if all(state == _ROUTED for state in routed) else PARTLY_DELIVERED
+    for other in (SeriesState.NOT_ROUTED.value, PURGED):
+        if other in series_states:
+            return other
+    return "empty"
+
+
+def _results_by_series(connection, series_ids) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]]]:
+    """(jobs, deliveries) of the series `series_ids` selects, counted by state per series id."""
+    jobs: dict[int, dict[str, int]] = {}
+    deliveries: dict[int, dict[str, int]] = {}
+    for series_id, state, count in connection.execute(
+        select(Job.series_id, Job.state, func.count()).where(Job.series_id.in_(series_ids))
+        .group_by(Job.series_id, Job.state)
+    ):
+        jobs.setdefault(series_id, {})[state] = count
+    for series_id, state, count in connection.execute(
+        select(Job.series_id, Delivery.state, func.count()).join(Job, Job.id == Delivery.job_id)
+        .where(Job.series_id.in_(series_ids)).group_by(Job.series_id, Delivery.state)
+    ):
+        deliveries.setdefault(series_id, {})[state] = count
+    return jobs, deliveries
+
+
+def _purged_studies(connection, study_instance_uids) -> set[str]:
+    """The studies among these (UIDs, or a select of them) that were purged: their rows stay, purge records an event."""
+    return set(connection.execute(
+        select(Event.study_instance_uid).distinct()
+        .where(Event.study_instance_uid.in_(study_instance_uids), Event.kind == "purged")
+    ).scalars())
+
+
+def find_study_uids(engine: Engine, prefix: str, limit: int = 10) -> list[str]:
+    """[the Study Instance UID `prefix`] if there is such a study, else up to `limit` that start with it.
+
+    Events count as well as studies: a study refused before anything of it was stored has only those.
+    """
+    prefix = prefix.strip()
+    with engine.connect() as connection:
+        for column in (Study.study_instance_uid, Event.study_instance_uid):
+            if connection.execute(select(column).where(column == prefix).limit(1)).first() is not None:
+                return [prefix]
+            found = list(connection.execute(
+                select(column).distinct().where(column.startswith(prefix, autoescape=True))
+                .order_by(column).limit(limit)
+            ).scalars())
+            if found:
+                return found
+    return []
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -41,22 +117,32 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
     with engine.connect() as connection:
+        newest = (Study.created_at.desc(), Study.id.desc())
+        studies = connection.execute(select(Study.__table__).order_by(*newest).limit(limit)).all()
+        page = select(Study.id).order_by(*newest).limit(limit)  # as a subquery: no limit on bind parameters
         series_rows = connection.execute(
             select(
+                Series.id,
                 Series.study_id,
                 Series.modality,
                 Series.state,
                 Series.last_received_at,
                 select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery().label("n"),
-            )
+            ).where(Series.study_id.in_(page))
         ).all()
-        studies = connection.execute(select(Study.__table__).order_by(Study.created_at.desc()).limit(limit)).all()
+        jobs, deliveries = _results_by_series(connection, select(Series.id).where(Series.study_id.in_(page)))
+        purged = _purged_studies(connection, select(Study.study_instance_uid).where(Study.id.in_(page)))
     by_study: dict[int, list] = {}
     for row in series_rows:
         by_study.setdefault(row.study_id, []).append(row)
     result = []
     for study in studies:
         rows = by_study.get(study.id, [])
+        was_purged = study.study_instance_uid in purged
+        states = [
+            series_state(row.state, jobs.get(row.id, {}), deliveries.get(row.id, {}), was_purged and not row.n)
+            for row in rows
+        ]
         result.append(
             {
                 "StudyInstanceUID": study.study_instance_uid,
@@ -68,7 +154,7 @@ def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
                 "ModalitiesInStudy": sorted({row.modality for row in rows if row.modality}),
                 "NumberOfStudyRelatedSeries": len(rows),
                 "NumberOfStudyRelatedInstances": sum(row.n for row in rows),
-                "state": study_state([row.state for row in rows]),
+                "state": study_state(states),
                 "received_at": _iso(study.created_at),
                 "last_received_at": _iso(max((row.last_received_at for row in rows), default=None)),
             }
@@ -84,6 +170,8 @@ def list_series(engine: Engine, study_instance_uid: str) -> list[dict[str, Any]]
         ).scalar()
         if study_id is None:
             return None
+        jobs, deliveries = _results_by_series(connection, select(Series.id).where(Series.study_id == study_id))
+        purged = bool(_purged_studies(connection, [study_instance_uid]))
         rows = connection.execute(
             select(
                 Series.__table__,
@@ -104,7 +192,7 @@ def list_series(engine: Engine, study_instance_uid: str) -> list[dict[str, Any]]
             "BodyPartExamined": row.body_part_examined,
             "SeriesDescription": row.series_description,
             "NumberOfSeriesRelatedInstances": row.n,
-            "state": row.state,
+            "state": series_state(row.state, jobs.get(row.id, {}), deliveries.get(row.id, {}), purged and not row.n),
             "state_reason": row.state_reason,
             "reprocess_requested": row.reprocess_requested,
             "late_instances": row.late_instances,
@@ -278,6 +366,7 @@ def list_deliveries(engine: Engine, state: str | None = None, limit: int = 200) 
             "last_attempt_at": _iso(row.last_attempt_at),
             "next_attempt_at": _iso(row.next_attempt_at) if row.state in ("pending", "failed") else None,
             "delivered_at": _iso(row.delivered_at),
+            "failing_since": _iso(row.failing_since),  # the give-up window (delivery.give_up_after_hours) starts here
         }
         for row in rows
     ]

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_ai_node.config import Config
+from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index, Sender
 from dicom_ai_node.web.dicomweb import (
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 _MAX_URL = 8192
 
 
-class AuthError(ValueError):
-    """A client's credential cannot be loaded (its environment variable is unset)."""
+class AuthError(NodeError):
+    """A client's credential cannot be loaded (its environment variable is unset): the node does not start."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,11 @@ class Authenticator:
             env = client.token_env or client.password_env
             secret = environ.get(env) if env else None
             if env and not secret:
-                raise AuthError(f"web.clients {client.name!r}: environment variable {env} is not set or empty")
+                kind = "token_env" if client.token_env else "password_env"
+                raise AuthError(
+                    f"cannot start: web client {client.name!r} takes its secret from the environment variable {env} "
+                    f"(web.clients {kind}), which is not set or empty; set it for the node or remove the client"
+                )
             if client.token_sha256:
                 self._tokens.append((bytes.fromhex(client.token_sha256), caller))
             elif client.token_env:

@@ -32,7 +32,7 @@ from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SO
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Index, Outcome, Sender
+from dicom_ai_node.store.index import Arrivals, Index, Outcome, Sender
 from dicom_ai_node.store.models import Instance, ResultObject, Series, Study
 from dicom_ai_node.web.metrics import Metrics
 
@@ -226,6 +226,7 @@ class Stow:
         """Store the parts of `body` one at a time: memory holds one instance, never the request."""
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
+        arrivals = Arrivals()
         for part in parts:
             outcome = self._store_one(body, part, sender, study_uid)
             reference = {
@@ -242,6 +243,12 @@ class Stow:
                    f"/instances/{outcome.sop_instance_uid}")
             stored.append(dicom_json({**reference, "RetrieveURL": url}))
             self.metrics.stow_instance(sender, "duplicate" if outcome.duplicate else "stored", outcome.size)
+            arrivals.count(outcome.study_uid, outcome.series_uid, outcome.duplicate)
+        if resent := arrivals.only_duplicates():
+            try:
+                self.index.record_resent(sender, resent)
+            except Exception:  # every instance is stored and answered; only the audit line is lost
+                log.exception("could not record in the audit trail: %d series sent again by %s", len(resent), sender)
         return StowResult(stored, failed)
 
     def _store_one(self, body: BinaryIO, part: Part, sender: Sender, study_uid: str | None) -> _Outcome:

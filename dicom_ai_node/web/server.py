@@ -7,6 +7,7 @@ STOW-RS alike, and the web server starts and drains with the node.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -15,6 +16,7 @@ import uvicorn
 from sqlalchemy import Engine
 
 from dicom_ai_node.config import Config
+from dicom_ai_node.errors import StartupError
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.tls import apply_bcp195
@@ -26,13 +28,14 @@ _START_TIMEOUT_SECONDS = 15.0
 
 
 class WebServer:
-    """`start()` returns once the port is listening (raises if it cannot); no-op unless `web.enabled`."""
+    """`bind()` listens, `start()` serves (binding first unless `bind` did); no-op unless `web.enabled`."""
 
     def __init__(
         self, config: Config, engine: Engine, index: Index, store: InstanceStore, dicom_refusals: DicomRefusals
     ) -> None:
         self.settings = config.web
         self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
         if self.settings.enabled:
             from dicom_ai_node.web.app import create_app  # starlette & co. load only when the server runs
@@ -62,21 +65,39 @@ class WebServer:
             except (OSError, ssl.SSLError) as exc:
                 given = ", ".join(f"{key} {path}" for key in ("tls_cert_file", "tls_key_file", "tls_ca_file")
                                   if (path := getattr(web, key)))
-                raise OSError(f"web: cannot load {given}: {exc}") from None
+                raise StartupError(f"cannot start: web: cannot load {given}: {exc}") from None
             if server_config.ssl is not None:
                 apply_bcp195(server_config.ssl)
             self._server = uvicorn.Server(server_config)
 
+    def bind(self) -> None:
+        """Bind and listen; requests wait in the kernel until `start`.  StartupError naming the port if it cannot."""
+        if self._server is None or self._socket is not None or self._thread is not None:
+            return
+        web = self.settings
+        # As uvicorn binds (Config.bind_socket), but an error is raised here instead of ending the process.
+        sock = socket.socket(socket.AF_INET6 if ":" in web.bind else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((web.bind, web.port))
+            sock.listen(self._server.config.backlog)
+        except OSError as exc:
+            sock.close()
+            raise StartupError.cannot_listen("DICOMweb", web.bind, web.port, "web.port", "web.bind", exc) from exc
+        self._socket = sock
+
     def start(self) -> None:
         if self._server is None:
             return
-        self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)
+        self.bind()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, name="web",
+                                        daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"DICOMweb server could not listen on {self.settings.bind}:{self.settings.port} (see the log above)"
+                    f"DICOMweb server on {self.settings.bind}:{self.settings.port} did not start (see the log above)"
                 )
             time.sleep(0.02)
         scheme = "https" if self.settings.tls_cert_file else "http"
@@ -85,10 +106,14 @@ class WebServer:
 
     def stop(self, deadline: float) -> None:
         """Stop accepting; requests in flight may finish until `deadline` (time.monotonic())."""
-        if self._server is None or self._thread is None:
+        if self._server is None:
             return
-        self._server.should_exit = True
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            self._server.force_exit = True  # cuts the requests still running; the thread is a daemon
-        self._thread = None
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                self._server.force_exit = True  # cuts the requests still running; the thread is a daemon
+            self._thread = None
+        if self._socket is not None:  # uvicorn closes it too once it stops; bound but never served, only here
+            self._socket.close()
+            self._socket = None
