@@ -20,7 +20,7 @@ from typing import IO, Callable
 import pydicom
 from pydicom.uid import generate_uid
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 REPO = Path(__file__).resolve().parent.parent
 

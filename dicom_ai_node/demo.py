@@ -35,7 +35,7 @@ from sqlalchemy import Engine
 
 from dicom_ai_node.cli import NodeError
 from dicom_ai_node.config import Config, load_config
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store import db, queries
 
 # dcmtk's sender; the venv's pynetdicom console script of the same name takes other options.

@@ -28,8 +28,8 @@ from monai.utils import set_determinism
 
 from dicom_ai_node.config import ModelConfig
 from dicom_ai_node.inference.bundle import MonaiBundleModel, in_memory_preprocessing, read_bundle_config
-from dicom_ai_node.inference.mr_phantom import MRContrast, MRPhantom
-from dicom_ai_node.phantom import FEET_FIRST_AXIAL, HU_LUNG, PhantomGeometry
+from dicom_ai_node.phantoms import MRContrast, MRPhantom, PhantomGeometry
+from dicom_ai_node.phantoms.ct import FEET_FIRST_AXIAL, HU_LUNG
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "demo-mr-bundle"
 LABELS = {"lungs": "SCT:39607008:Lung"}

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 DCMTK_BIN = Path("/usr/bin")  # Debian's dcmtk; pynetdicom's console scripts shadow these names in a venv
 POSTGRES_ADMIN_URL = os.environ.get("DICOM_AI_NODE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")

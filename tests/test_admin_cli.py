@@ -29,7 +29,7 @@ from sqlalchemy import update
 from test_web import stow, web_settings
 
 from dicom_ai_node import demo
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store import db
 from dicom_ai_node.store.index import Index, InstanceHeader, Sender
 from dicom_ai_node.store.models import Delivery, Job, ResultObject, Series, Study, utcnow

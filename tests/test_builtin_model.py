@@ -14,7 +14,7 @@ from dicom_ai_node.inference.builtin import SEGMENTS, BuiltinCTModel
 from dicom_ai_node.inference.registry import resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.volume import SourceFrame, Volume
-from dicom_ai_node.phantom import HU_AIR, CTPhantom
+from dicom_ai_node.phantoms.ct import HU_AIR, CTPhantom
 
 TOLERANCE = 0.03
 NAMES = ("body", "lungs", "bone")

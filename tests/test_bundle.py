@@ -14,11 +14,11 @@ import yaml
 
 from dicom_ai_node.config import ModelConfig
 from dicom_ai_node.inference.bundle import ANATOMICAL_STRUCTURE, MonaiBundleModel
-from dicom_ai_node.inference.mr_phantom import MRPhantom
 from dicom_ai_node.inference.registry import ModelUnavailable
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.inference.volume import load_volume
+from dicom_ai_node.phantoms import MRPhantom
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "demo-mr-bundle"
 LUNG = CodedConcept("39607008", "SCT", "Lung")

@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage
 from conftest import PEER_ENV, dciodvfy_errors, dcmtk, free_port, storescu
 from orthanc import orthanc_servers
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.inference.builtin import BuiltinCTModel
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, load_volume
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.sr import build_sr
 

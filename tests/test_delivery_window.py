@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from dicom_ai_node.config import DeliverySection, DestinationConfig
 from dicom_ai_node.delivery.outcome import Outcome
 from dicom_ai_node.delivery.senders import make_sender
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store.db import make_engine, upgrade
 from dicom_ai_node.store.deliveries import DeliveryQueue, _queue
 from dicom_ai_node.store.models import Delivery, Event, Instance, Job, Series, Study, utcnow

@@ -23,7 +23,7 @@ import orthanc as orthanc_module
 from orthanc import OrthancProcess
 
 from dicom_ai_node.config import load_config
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ORTHANC_DIR = DEPLOY / "orthanc"

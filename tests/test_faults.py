@@ -25,7 +25,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicom_ai_node.config import ConfigError, load_config
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store.db import make_engine, upgrade
 from dicom_ai_node.store.files import DiskFull, InstanceStore
 from dicom_ai_node.store.index import Index, InstanceHeader, Sender

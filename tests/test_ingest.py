@@ -20,7 +20,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from conftest import PEER_ENV, dcmtk, storescu
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 
 DONE_RECEIVING = ("complete", "routed", "not-routed")  # completion hands the series on to routing

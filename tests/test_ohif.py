@@ -32,7 +32,7 @@ import pytest
 import requests
 from conftest import free_port, storescu
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 REPO = Path(__file__).resolve().parent.parent
 OHIF = Path(__file__).resolve().parent / "ohif"

@@ -19,11 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
 from dicom_ai_node.config import Config
-from dicom_ai_node.inference.mr_phantom import MRPhantom
 from dicom_ai_node.ingest.orthanc_pull import NODE_MANUFACTURER, OrthancPuller
 from dicom_ai_node.ingest.parse import split_part10
 from dicom_ai_node.ingest.receive import Receiver
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom, MRPhantom
 from dicom_ai_node.store.db import make_engine, upgrade
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index

@@ -14,7 +14,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 
 def _encode(ds, implicit: bool = False, little: bool = True) -> bytes:

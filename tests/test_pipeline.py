@@ -13,8 +13,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate
 
 from conftest import dciodvfy_errors, storescu
 
-from dicom_ai_node.inference.mr_phantom import MRPhantom
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom, MRPhantom
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import requests
 from conftest import free_port, run_dcmtk, storescu
 from orthanc import orthanc_servers
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pydicom import uid
 from conftest import dcmtk, storescu
 from test_ingest import _dataset_bytes
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 # (name, how to encode, storescu option proposing that syntax, expected transfer syntax)
 CASES = [

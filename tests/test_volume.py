@@ -21,7 +21,7 @@ from conftest import dcmtk, venv_tool
 from pydicom.uid import BasicTextSRStorage, EnhancedCTImageStorage, JPEGLSLossless, RLELossless, generate_uid
 
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
-from dicom_ai_node.phantom import (
+from dicom_ai_node.phantoms.ct import (
     HU_AIR,
     HU_BONE,
     HU_LUNG,

@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 from test_web import AUTH, READ_ONLY_TOKEN, dicomweb, multipart, parts_of, root, small_ct, stow, web_settings
 
-from dicom_ai_node.phantom import CTPhantom
+from dicom_ai_node.phantoms import CTPhantom
 
 MiB = 2**20
 FRAMES, SIDE = 160, 512  # an 80 MB multi-frame instance of 512 KiB frames

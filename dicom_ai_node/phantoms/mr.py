@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 
 from dicom_ai_node.inference.volume import SourceFrame, Volume
-from dicom_ai_node.phantom import HU_AIR, HU_BONE, HU_LUNG, HU_SOFT_TISSUE, CTPhantom
+from dicom_ai_node.phantoms.ct import HU_AIR, HU_BONE, HU_LUNG, HU_SOFT_TISSUE, CTPhantom
 
 _MAX_STORED = 4095  # 12 bits stored, as the CT phantom's pixel module declares
 
