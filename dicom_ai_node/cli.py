@@ -736,7 +736,7 @@ def demo(
     ] = True,
 ) -> None:
     """Try the node in one command: a synthetic CT through a demo node of its own to SEG and SR."""
-    from dicom_ai_node.demo import run_demo  # imports cli's NodeError: keep it here
+    from dicom_ai_node.demo import run_demo  # ~1 s of imports (phantom, DICOM) that only `demo` should pay
 
     run_demo(config, workdir, keep, console)
 

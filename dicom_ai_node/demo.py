@@ -33,8 +33,8 @@ from rich.table import Column, Table
 from rich.text import Text
 from sqlalchemy import Engine
 
-from dicom_ai_node.cli import NodeError
 from dicom_ai_node.config import Config, load_config
+from dicom_ai_node.errors import NodeError
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store import db, queries
 

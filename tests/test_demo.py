@@ -19,9 +19,9 @@ from conftest import dciodvfy_errors
 from rich.console import Console
 
 from dicom_ai_node import demo
-from dicom_ai_node.cli import NodeError
 from dicom_ai_node.config import load_config
 from dicom_ai_node.demo import demo_phantom, run_demo, write_demo_config
+from dicom_ai_node.errors import NodeError
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ("Body", "Lungs", "Bone")
@@ -101,6 +101,12 @@ def test_demo_refuses_a_folder_in_use(tmp_path):
     with pytest.raises(NodeError, match="not an empty folder"):
         run_demo(None, tmp_path, keep=True, console=Console(file=io.StringIO()))
     assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_does_not_import_the_cli():
+    """The CLI imports the demo, never the reverse: an import circle breaks whichever module loads first."""
+    code = "import sys, dicom_ai_node.demo; sys.exit('dicom_ai_node.cli' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
 
 
 def test_demo_config_takes_only_models_and_routes_from_the_admins_config(tmp_path):
