@@ -9,7 +9,6 @@ The folder is kept so the images, the results and the database can be opened aft
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -25,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydicom
+import highdicom as hd
+import tomli_w
+from pydicom.sr.codedict import codes
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -302,23 +303,11 @@ def _job_result(engine: Engine, settings: Config, phantom: CTPhantom, job: dict[
 
 
 def _sr_volumes(path: Path) -> dict[str, float]:
-    """Tracking identifier -> Volume (mL) of each TID 1500 measurement group in the SR."""
+    """Tracking identifier -> Volume (mL) of each TID 1500 volumetric measurement group in the SR."""
     volumes: dict[str, float] = {}
-
-    def meaning(item: pydicom.Dataset) -> str:
-        return item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
-
-    def walk(items: pydicom.Sequence) -> None:
-        for item in items:
-            if item.ValueType == "CONTAINER" and meaning(item) == "Measurement Group":
-                children = item.ContentSequence
-                label = next(c.TextValue for c in children if meaning(c) == "Tracking Identifier")
-                volume = next(c.MeasuredValueSequence[0].NumericValue for c in children if meaning(c) == "Volume")
-                volumes[label] = float(volume)
-            elif "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(pydicom.dcmread(path).ContentSequence)
+    for group in hd.sr.srread(path).content.get_volumetric_roi_measurement_groups():
+        [volume] = group.get_measurements(name=codes.SCT.Volume)
+        volumes[group.tracking_identifier] = float(volume.value)
     return volumes
 
 
@@ -501,26 +490,8 @@ def _raise_interrupt(_signum: int, _frame: Any) -> None:
 
 def _models_and_routes(config: Config) -> str:
     """The [models] and [[routes]] of an admin's config as TOML; nothing else of it reaches the demo."""
-    lines = []
-    for name, model in config.models.items():
-        lines.append(f"\n[models.{name}]")
-        lines += [
-            f"{key} = {_toml(value)}" for key, value in model.model_dump(mode="json", exclude_defaults=True).items()
-        ]
-    for route in config.routes:
-        lines.append("\n[[routes]]")  # without destinations: the demo never sends anything anywhere
-        values = route.model_dump(mode="json", exclude_defaults=True, exclude={"destinations"})
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(key)} = {_toml(item)}" for key, item in value.items()) + " }"
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+    models = {name: model.model_dump(mode="json", exclude_defaults=True) for name, model in config.models.items()}
+    # Without destinations: the demo never sends anything anywhere.
+    routes = [route.model_dump(mode="json", exclude_defaults=True, exclude={"destinations"}) for route in config.routes]
+    # An empty table is left out, as if the admin had not written it: the demo's defaults apply.
+    return tomli_w.dumps({key: value for key, value in (("models", models), ("routes", routes)) if value})
