@@ -1,4 +1,4 @@
-"""Read-side queries for the admin CLI (and later the web API).
+"""Read-side queries for the admin CLI and the DICOMweb server.
 
 Rows come back as plain dicts keyed by DICOM keywords where one exists
 (`StudyInstanceUID`, `NumberOfStudyRelatedInstances`, ...) so `--json`
@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Integer, String, Subquery, cast, func, literal, null, select, union_all
 
 from dicom_ai_node.store.models import (
     Delivery,
@@ -33,6 +33,10 @@ DELIVERED = "delivered"
 PURGED = "purged"
 _ROUTED = SeriesState.ROUTED.value
 _UNFINISHED_JOBS = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
+_studies = Study.__table__
+_series = Series.__table__
+_instances = Instance.__table__
+_results = ResultObject.__table__
 
 
 def series_state(stored: str, jobs: dict[str, int], deliveries: dict[str, int], purged: bool = False) -> str:
@@ -65,6 +69,69 @@ def study_state(series_states: list[str]) -> str:
         if other in series_states:
             return other
     return "empty"
+
+
+def all_series() -> Subquery:
+    """Every series, received or produced by the node (its SEG and SR in `result_objects`), as one selectable."""
+    counts = select(func.count()).where(_instances.c.series_id == _series.c.id).scalar_subquery()
+    received = select(
+        _series.c.series_instance_uid.label("series_uid"),
+        _studies.c.study_instance_uid.label("study_uid"),
+        _series.c.modality.label("modality"),
+        _series.c.series_number.label("series_number"),
+        _series.c.series_description.label("series_description"),
+        counts.label("instances"),
+        literal(False).label("produced"),
+    ).join(_studies, _studies.c.id == _series.c.study_id)
+    produced = (
+        select(
+            _results.c.series_instance_uid,
+            _results.c.study_instance_uid,
+            func.max(_results.c.kind),
+            cast(null(), Integer),
+            cast(null(), String),
+            func.count(),
+            literal(True),
+        )
+        .where(_results.c.series_instance_uid.not_in(select(_series.c.series_instance_uid)))
+        .group_by(_results.c.series_instance_uid, _results.c.study_instance_uid)
+    )
+    return union_all(received, produced).subquery("all_series")
+
+
+def all_instances() -> Subquery:
+    """Every instance, received or produced by the node, as one selectable: QIDO-RS and WADO-RS serve both."""
+    received = (
+        select(
+            _instances.c.sop_instance_uid.label("sop_uid"),
+            _instances.c.sop_class_uid.label("sop_class_uid"),
+            _instances.c.instance_number.label("instance_number"),
+            _instances.c.rows.label("rows"),
+            _instances.c.columns.label("columns"),
+            _instances.c.number_of_frames.label("number_of_frames"),
+            _instances.c.file_path.label("file_path"),
+            _series.c.series_instance_uid.label("series_uid"),
+            _studies.c.study_instance_uid.label("study_uid"),
+            _series.c.modality.label("modality"),
+            literal(False).label("produced"),
+        )
+        .join(_series, _series.c.id == _instances.c.series_id)
+        .join(_studies, _studies.c.id == _series.c.study_id)
+    )
+    produced = select(
+        _results.c.sop_instance_uid,
+        _results.c.sop_class_uid,
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+        _results.c.file_path,
+        _results.c.series_instance_uid,
+        _results.c.study_instance_uid,
+        _results.c.kind,
+        literal(True),
+    ).where(_results.c.sop_instance_uid.not_in(select(_instances.c.sop_instance_uid)))
+    return union_all(received, produced).subquery("all_instances")
 
 
 def _results_by_series(connection, series_ids) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]]]:
