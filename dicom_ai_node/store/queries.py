@@ -8,9 +8,25 @@ output reads like a QIDO-RS answer to anyone who knows DICOM.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Integer, String, Subquery, cast, func, literal, null, select, union_all
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Row,
+    Select,
+    String,
+    Subquery,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
 
 from dicom_ai_node.store.models import (
     Delivery,
@@ -71,25 +87,34 @@ def study_state(series_states: list[str]) -> str:
     return "empty"
 
 
-def all_series() -> Subquery:
-    """Every series, received or produced by the node (its SEG and SR in `result_objects`), as one selectable."""
+def all_series(with_results: bool = True) -> Subquery:
+    """Every series received and, `with_results`, those only the node produced (its SEG and SR in
+    `result_objects`), as one selectable; a produced series has no id, number, description, state or arrival."""
     counts = select(func.count()).where(_instances.c.series_id == _series.c.id).scalar_subquery()
     received = select(
+        _series.c.id.label("series_id"),
         _series.c.series_instance_uid.label("series_uid"),
         _studies.c.study_instance_uid.label("study_uid"),
         _series.c.modality.label("modality"),
         _series.c.series_number.label("series_number"),
         _series.c.series_description.label("series_description"),
+        _series.c.state.label("state"),
+        _series.c.last_received_at.label("last_received_at"),
         counts.label("instances"),
         literal(False).label("produced"),
     ).join(_studies, _studies.c.id == _series.c.study_id)
+    if not with_results:
+        return received.subquery("received_series")
     produced = (
         select(
+            cast(null(), Integer),
             _results.c.series_instance_uid,
             _results.c.study_instance_uid,
             func.max(_results.c.kind),
             cast(null(), Integer),
             cast(null(), String),
+            cast(null(), String),
+            cast(null(), DateTime),
             func.count(),
             literal(True),
         )
@@ -97,6 +122,44 @@ def all_series() -> Subquery:
         .group_by(_results.c.series_instance_uid, _results.c.study_instance_uid)
     )
     return union_all(received, produced).subquery("all_series")
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One study with its series: what QIDO-RS answers for a study and `dicom-ai-node studies` lists."""
+
+    study: Row[Any]  # of `studies`
+    series: list[Row[Any]]  # of all_series()
+
+    def attributes(self) -> dict[str, Any]:
+        """The study's attributes, its modalities and how many series and instances it holds, by DICOM keyword."""
+        study, series = self.study, self.series
+        return {
+            "StudyInstanceUID": study.study_instance_uid,
+            "PatientID": study.patient_id,
+            "PatientName": study.patient_name,
+            "AccessionNumber": study.accession_number,
+            "StudyDate": study.study_date,
+            "StudyDescription": study.study_description,
+            "ModalitiesInStudy": sorted({row.modality for row in series if row.modality}),
+            "NumberOfStudyRelatedSeries": len(series),
+            "NumberOfStudyRelatedInstances": sum(row.instances for row in series),
+        }
+
+
+def summarize_studies(connection: Connection, studies: Select, with_results: bool) -> list[StudySummary]:
+    """The studies `studies` selects (rows of `studies`, in its order and page), each with its series.
+
+    QIDO-RS counts the series the node produced too (`with_results`); `dicom-ai-node studies` counts
+    only the series received, as senders and the benchmarks compare them with what they sent.
+    """
+    found = connection.execute(studies).all()
+    every_series = all_series(with_results)
+    page = studies.with_only_columns(_studies.c.study_instance_uid)  # a subquery: no limit on bind parameters
+    by_study: dict[str, list[Row[Any]]] = {}
+    for row in connection.execute(select(every_series).where(every_series.c.study_uid.in_(page))):
+        by_study.setdefault(row.study_uid, []).append(row)
+    return [StudySummary(study, by_study.get(study.study_instance_uid, [])) for study in found]
 
 
 def all_instances() -> Subquery:
@@ -183,47 +246,26 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
+    newest = select(_studies).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit)
+    page = newest.with_only_columns(Study.id)  # as a subquery: no limit on bind parameters
     with engine.connect() as connection:
-        newest = (Study.created_at.desc(), Study.id.desc())
-        studies = connection.execute(select(Study.__table__).order_by(*newest).limit(limit)).all()
-        page = select(Study.id).order_by(*newest).limit(limit)  # as a subquery: no limit on bind parameters
-        series_rows = connection.execute(
-            select(
-                Series.id,
-                Series.study_id,
-                Series.modality,
-                Series.state,
-                Series.last_received_at,
-                select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery().label("n"),
-            ).where(Series.study_id.in_(page))
-        ).all()
+        summaries = summarize_studies(connection, newest, with_results=False)
         jobs, deliveries = _results_by_series(connection, select(Series.id).where(Series.study_id.in_(page)))
         purged = _purged_studies(connection, select(Study.study_instance_uid).where(Study.id.in_(page)))
-    by_study: dict[int, list] = {}
-    for row in series_rows:
-        by_study.setdefault(row.study_id, []).append(row)
     result = []
-    for study in studies:
-        rows = by_study.get(study.id, [])
-        was_purged = study.study_instance_uid in purged
+    for summary in summaries:
+        was_purged = summary.study.study_instance_uid in purged
         states = [
-            series_state(row.state, jobs.get(row.id, {}), deliveries.get(row.id, {}), was_purged and not row.n)
-            for row in rows
+            series_state(row.state, jobs.get(row.series_id, {}), deliveries.get(row.series_id, {}),
+                         was_purged and not row.instances)
+            for row in summary.series
         ]
         result.append(
             {
-                "StudyInstanceUID": study.study_instance_uid,
-                "PatientID": study.patient_id,
-                "PatientName": study.patient_name,
-                "AccessionNumber": study.accession_number,
-                "StudyDate": study.study_date,
-                "StudyDescription": study.study_description,
-                "ModalitiesInStudy": sorted({row.modality for row in rows if row.modality}),
-                "NumberOfStudyRelatedSeries": len(rows),
-                "NumberOfStudyRelatedInstances": sum(row.n for row in rows),
+                **summary.attributes(),
                 "state": study_state(states),
-                "received_at": _iso(study.created_at),
-                "last_received_at": _iso(max((row.last_received_at for row in rows), default=None)),
+                "received_at": _iso(summary.study.created_at),
+                "last_received_at": _iso(max((row.last_received_at for row in summary.series), default=None)),
             }
         )
     return result

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, Subquery, and_, func, select
 from starlette.requests import Request
 
 from dicom_ai_node.store.models import ResultObject, Study
-from dicom_ai_node.store.queries import all_instances, all_series
+from dicom_ai_node.store.queries import all_instances, all_series, summarize_studies
 from dicom_ai_node.web.dicom_json import dicom_json
 from dicom_ai_node.web.problem import HTTPProblem
 
@@ -175,40 +175,25 @@ class Qido:
         self.root = storage_root
 
     def search_studies(self, query: Query, base_url: str) -> list[dict[str, Any]]:
-        every_series = all_series()
         statement = (
             select(_studies)
-            .where(*_study_conditions(query, every_series))
+            .where(*_study_conditions(query, all_series()))
             .order_by(_studies.c.id)
             .limit(query.limit)
             .offset(query.offset)
         )
         with self.engine.connect() as connection:
-            studies = connection.execute(statement).all()
-            uids = [row.study_instance_uid for row in studies]
-            series = connection.execute(
-                select(every_series.c.study_uid, every_series.c.modality, every_series.c.instances).where(
-                    every_series.c.study_uid.in_(uids)
-                )
-            ).all()
-        by_study: dict[str, list] = {}
-        for row in series:
-            by_study.setdefault(row.study_uid, []).append(row)
-        answer = []
-        for study in studies:
-            rows = by_study.get(study.study_instance_uid, [])
-            answer.append(
-                dicom_json(
-                    {
-                        **_study_fields(study),
-                        "ModalitiesInStudy": sorted({row.modality for row in rows if row.modality}),
-                        "NumberOfStudyRelatedSeries": len(rows),
-                        "NumberOfStudyRelatedInstances": sum(row.instances for row in rows),
-                        "RetrieveURL": f"{base_url}/studies/{study.study_instance_uid}",
-                    }
-                )
+            summaries = summarize_studies(connection, statement, with_results=True)
+        return [
+            dicom_json(
+                {
+                    **summary.attributes(),
+                    "StudyTime": summary.study.study_time,
+                    "RetrieveURL": f"{base_url}/studies/{summary.study.study_instance_uid}",
+                }
             )
-        return answer
+            for summary in summaries
+        ]
 
     def search_series(self, query: Query, base_url: str, study_uid: str | None) -> list[dict[str, Any]]:
         every_series = all_series()
