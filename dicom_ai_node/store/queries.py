@@ -124,6 +124,18 @@ def all_series(with_results: bool = True) -> Subquery:
     return union_all(received, produced).subquery("all_series")
 
 
+def study_attributes(study: Row[Any]) -> dict[str, Any]:
+    """The attributes of a row of `studies` (or of a select joined to it) by DICOM keyword."""
+    return {
+        "StudyInstanceUID": study.study_instance_uid,
+        "PatientID": study.patient_id,
+        "PatientName": study.patient_name,
+        "AccessionNumber": study.accession_number,
+        "StudyDate": study.study_date,
+        "StudyDescription": study.study_description,
+    }
+
+
 @dataclass(frozen=True)
 class StudySummary:
     """One study with its series: what QIDO-RS answers for a study and `dicom-ai-node studies` lists."""
@@ -133,17 +145,11 @@ class StudySummary:
 
     def attributes(self) -> dict[str, Any]:
         """The study's attributes, its modalities and how many series and instances it holds, by DICOM keyword."""
-        study, series = self.study, self.series
         return {
-            "StudyInstanceUID": study.study_instance_uid,
-            "PatientID": study.patient_id,
-            "PatientName": study.patient_name,
-            "AccessionNumber": study.accession_number,
-            "StudyDate": study.study_date,
-            "StudyDescription": study.study_description,
-            "ModalitiesInStudy": sorted({row.modality for row in series if row.modality}),
-            "NumberOfStudyRelatedSeries": len(series),
-            "NumberOfStudyRelatedInstances": sum(row.instances for row in series),
+            **study_attributes(self.study),
+            "ModalitiesInStudy": sorted({row.modality for row in self.series if row.modality}),
+            "NumberOfStudyRelatedSeries": len(self.series),
+            "NumberOfStudyRelatedInstances": sum(row.instances for row in self.series),
         }
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import Engine, Subquery, and_, func, select
+from sqlalchemy import Engine, Row, Subquery, and_, func, select
 from starlette.requests import Request
 
 from dicom_ai_node.store.models import ResultObject, Study
-from dicom_ai_node.store.queries import all_instances, all_series, summarize_studies
+from dicom_ai_node.store.queries import all_instances, all_series, study_attributes, summarize_studies
 from dicom_ai_node.web.dicom_json import dicom_json
 from dicom_ai_node.web.problem import HTTPProblem
 
@@ -155,16 +155,9 @@ def _study_conditions(query: Query, every_series: Subquery) -> list:
     return conditions
 
 
-def _study_fields(row) -> dict[str, Any]:
-    return {
-        "StudyInstanceUID": row.study_instance_uid,
-        "StudyDate": row.study_date,
-        "StudyTime": row.study_time,
-        "AccessionNumber": row.accession_number,
-        "PatientName": row.patient_name,
-        "PatientID": row.patient_id,
-        "StudyDescription": row.study_description,
-    }
+def _study_fields(row: Row[Any]) -> dict[str, Any]:
+    """The study attributes returned with each series: those a study summary has, and StudyTime."""
+    return {**study_attributes(row), "StudyTime": row.study_time}
 
 
 class Qido:
