@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import inspect
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ PYNETDICOM_SOURCES = {
 }
 
 
-def _pynetdicom_function(name: str):
+def _pynetdicom_function(name: str) -> Callable[..., object]:
     """The function `name` (module, class, function) in the installed pynetdicom."""
     module, class_name, function = name.rsplit(".", 2)
     return getattr(getattr(importlib.import_module(module), class_name), function)
