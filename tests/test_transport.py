@@ -1,16 +1,78 @@
-"""The tuned pynetdicom acceptor (ingest/transport.py) and the first-copy-wins file placement it relies on.
+"""The tuned pynetdicom acceptor (ingest/transport.py), a guard on the pynetdicom code it copies, and the
+first-copy-wins file placement it relies on.
 
 Behaviour on the wire is covered by test_ingest, with dcmtk and pynetdicom as peers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
+from packaging.requirements import Requirement
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
 from dicom_ai_node.ingest.transport import store_success_command
+
+# The pynetdicom code ingest/transport.py copies, replaces or extends (its docstrings say how), by the
+# sha256 of its source (first 16 hex digits) as recorded from pynetdicom 3.0.4.
+PYNETDICOM_SOURCES = {
+    # SharedUIDContext.of copies a context's __dict__, new lists and shared everything else.
+    "pynetdicom.presentation.PresentationContext.__init__": "37a8842ac07cd8f3",
+    # BulkReadSocket.recv replaces it.
+    "pynetdicom.transport.AssociationSocket.recv": "6bc20a33b1b7cfe7",
+    # GuardedDUL: its _run_loop_delay property replaces the constant set here and slept on in run_reactor.
+    "pynetdicom.dul.DULServiceProvider.__init__": "c82dafa9438ddf70",
+    "pynetdicom.dul.DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
+    "pynetdicom.dul.DULServiceProvider._is_transport_event": "8725ed03bb8fbdef",
+    "pynetdicom.dul.DULServiceProvider._read_pdu_data": "19f2d4e38c13c835",
+    # QuickStoreResponseDIMSE extends the first and bypasses the second for a Success C-STORE-RSP.
+    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
+    "pynetdicom.dimse.DIMSEServiceProvider.send_msg": "a839cf2fb46976d9",
+    # PromptAssociation extends the first and copies the second (its acceptor loop).
+    "pynetdicom.association.Association.run_reactor": "ed8bbbe3b3d6ddae",
+    "pynetdicom.association.Association._run_reactor": "f28838c5559e462a",
+    # _AcceptorRequestHandler replaces handle and swaps the classes of what _create_association makes.
+    "pynetdicom.transport.RequestHandler.handle": "034823fb4df3a874",
+    "pynetdicom.transport.RequestHandler._create_association": "05c8d12b79863cdb",
+    # GuardedServer.get_request replaces it (the TLS handshake moves to the connection's thread).
+    "pynetdicom.transport.AssociationServer.get_request": "925a4f3a3042f6e4",
+    # bind_acceptor then serve_acceptor do what it does.
+    "pynetdicom.ae.ApplicationEntity.start_server": "d3868a2df83d3cc0",
+}
+
+
+def _pynetdicom_function(name: str) -> Callable[..., object]:
+    """The function `name` (module, class, function) in the installed pynetdicom."""
+    module, class_name, function = name.rsplit(".", 2)
+    return getattr(getattr(importlib.import_module(module), class_name), function)
+
+
+@pytest.mark.parametrize("name", sorted(PYNETDICOM_SOURCES))
+def test_pynetdicom_code_that_transport_copies_is_unchanged(name: str):
+    """An upgrade that changes what transport.py copies or replaces must be reviewed, not silently run."""
+    source = inspect.getsource(_pynetdicom_function(name))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == PYNETDICOM_SOURCES[name], (
+        f"pynetdicom {name} changed: re-check ingest/transport.py's copy of it, then record {digest} here"
+    )
+
+
+def test_installed_pynetdicom_is_the_pinned_one():
+    """The hashes above hold for the versions pyproject.toml allows; the installed one must be among them."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    requirements = [Requirement(line) for line in pyproject["project"]["dependencies"]]
+    (pin,) = [requirement for requirement in requirements if requirement.name == "pynetdicom"]
+    installed = importlib.metadata.version("pynetdicom")
+    assert pin.specifier.contains(installed), f"pynetdicom {installed} is installed, pyproject.toml pins {pin}"
 
 
 @pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4.5", "1.2.3.4.56", "2.25.1234567890123456789012345678901234567"])

@@ -18,7 +18,7 @@ from pydicom.dataset import FileMetaDataset
 
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.web.app import Authenticator, AuthError
-from dicom_ai_node.web.dicomweb import parse_media_type, parse_multipart, read_range
+from dicom_ai_node.web.multipart import parse_media_type, parse_multipart, read_range
 from dicom_ai_node.web.settings import WebSection
 
 TOKEN = secrets.token_urlsafe(24)

@@ -1,4 +1,4 @@
-"""Read-side queries for the admin CLI (and later the web API).
+"""Read-side queries for the admin CLI and the DICOMweb server.
 
 Rows come back as plain dicts keyed by DICOM keywords where one exists
 (`StudyInstanceUID`, `NumberOfStudyRelatedInstances`, ...) so `--json`
@@ -8,9 +8,25 @@ output reads like a QIDO-RS answer to anyone who knows DICOM.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Row,
+    Select,
+    String,
+    Subquery,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
 
 from dicom_ai_node.store.models import (
     Delivery,
@@ -33,6 +49,10 @@ DELIVERED = "delivered"
 PURGED = "purged"
 _ROUTED = SeriesState.ROUTED.value
 _UNFINISHED_JOBS = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
+_studies = Study.__table__
+_series = Series.__table__
+_instances = Instance.__table__
+_results = ResultObject.__table__
 
 
 def series_state(stored: str, jobs: dict[str, int], deliveries: dict[str, int], purged: bool = False) -> str:
@@ -65,6 +85,122 @@ def study_state(series_states: list[str]) -> str:
         if other in series_states:
             return other
     return "empty"
+
+
+def all_series(with_results: bool = True) -> Subquery:
+    """Every series received and, `with_results`, those only the node produced (its SEG and SR in
+    `result_objects`), as one selectable; a produced series has no id, number, description, state or arrival."""
+    counts = select(func.count()).where(_instances.c.series_id == _series.c.id).scalar_subquery()
+    received = select(
+        _series.c.id.label("series_id"),
+        _series.c.series_instance_uid.label("series_uid"),
+        _studies.c.study_instance_uid.label("study_uid"),
+        _series.c.modality.label("modality"),
+        _series.c.series_number.label("series_number"),
+        _series.c.series_description.label("series_description"),
+        _series.c.state.label("state"),
+        _series.c.last_received_at.label("last_received_at"),
+        counts.label("instances"),
+        literal(False).label("produced"),
+    ).join(_studies, _studies.c.id == _series.c.study_id)
+    if not with_results:
+        return received.subquery("received_series")
+    produced = (
+        select(
+            cast(null(), Integer),
+            _results.c.series_instance_uid,
+            _results.c.study_instance_uid,
+            func.max(_results.c.kind),
+            cast(null(), Integer),
+            cast(null(), String),
+            cast(null(), String),
+            cast(null(), DateTime),
+            func.count(),
+            literal(True),
+        )
+        .where(_results.c.series_instance_uid.not_in(select(_series.c.series_instance_uid)))
+        .group_by(_results.c.series_instance_uid, _results.c.study_instance_uid)
+    )
+    return union_all(received, produced).subquery("all_series")
+
+
+def study_attributes(study: Row[Any]) -> dict[str, Any]:
+    """The attributes of a row of `studies` (or of a select joined to it) by DICOM keyword."""
+    return {
+        "StudyInstanceUID": study.study_instance_uid,
+        "PatientID": study.patient_id,
+        "PatientName": study.patient_name,
+        "AccessionNumber": study.accession_number,
+        "StudyDate": study.study_date,
+        "StudyDescription": study.study_description,
+    }
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One study with its series: what QIDO-RS answers for a study and `dicom-ai-node studies` lists."""
+
+    study: Row[Any]  # of `studies`
+    series: list[Row[Any]]  # of all_series()
+
+    def attributes(self) -> dict[str, Any]:
+        """The study's attributes, its modalities and how many series and instances it holds, by DICOM keyword."""
+        return {
+            **study_attributes(self.study),
+            "ModalitiesInStudy": sorted({row.modality for row in self.series if row.modality}),
+            "NumberOfStudyRelatedSeries": len(self.series),
+            "NumberOfStudyRelatedInstances": sum(row.instances for row in self.series),
+        }
+
+
+def summarize_studies(connection: Connection, studies: Select, with_results: bool) -> list[StudySummary]:
+    """The studies `studies` selects (rows of `studies`, in its order and page), each with its series.
+
+    QIDO-RS counts the series the node produced too (`with_results`); `dicom-ai-node studies` counts
+    only the series received, as senders and the benchmarks compare them with what they sent.
+    """
+    found = connection.execute(studies).all()
+    every_series = all_series(with_results)
+    page = studies.with_only_columns(_studies.c.study_instance_uid)  # a subquery: no limit on bind parameters
+    by_study: dict[str, list[Row[Any]]] = {}
+    for row in connection.execute(select(every_series).where(every_series.c.study_uid.in_(page))):
+        by_study.setdefault(row.study_uid, []).append(row)
+    return [StudySummary(study, by_study.get(study.study_instance_uid, [])) for study in found]
+
+
+def all_instances() -> Subquery:
+    """Every instance, received or produced by the node, as one selectable: QIDO-RS and WADO-RS serve both."""
+    received = (
+        select(
+            _instances.c.sop_instance_uid.label("sop_uid"),
+            _instances.c.sop_class_uid.label("sop_class_uid"),
+            _instances.c.instance_number.label("instance_number"),
+            _instances.c.rows.label("rows"),
+            _instances.c.columns.label("columns"),
+            _instances.c.number_of_frames.label("number_of_frames"),
+            _instances.c.file_path.label("file_path"),
+            _series.c.series_instance_uid.label("series_uid"),
+            _studies.c.study_instance_uid.label("study_uid"),
+            _series.c.modality.label("modality"),
+            literal(False).label("produced"),
+        )
+        .join(_series, _series.c.id == _instances.c.series_id)
+        .join(_studies, _studies.c.id == _series.c.study_id)
+    )
+    produced = select(
+        _results.c.sop_instance_uid,
+        _results.c.sop_class_uid,
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), Integer),
+        _results.c.file_path,
+        _results.c.series_instance_uid,
+        _results.c.study_instance_uid,
+        _results.c.kind,
+        literal(True),
+    ).where(_results.c.sop_instance_uid.not_in(select(_instances.c.sop_instance_uid)))
+    return union_all(received, produced).subquery("all_instances")
 
 
 def _results_by_series(connection, series_ids) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]]]:
@@ -116,47 +252,26 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
+    newest = select(_studies).order_by(Study.created_at.desc(), Study.id.desc()).limit(limit)
+    page = newest.with_only_columns(Study.id)  # as a subquery: no limit on bind parameters
     with engine.connect() as connection:
-        newest = (Study.created_at.desc(), Study.id.desc())
-        studies = connection.execute(select(Study.__table__).order_by(*newest).limit(limit)).all()
-        page = select(Study.id).order_by(*newest).limit(limit)  # as a subquery: no limit on bind parameters
-        series_rows = connection.execute(
-            select(
-                Series.id,
-                Series.study_id,
-                Series.modality,
-                Series.state,
-                Series.last_received_at,
-                select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery().label("n"),
-            ).where(Series.study_id.in_(page))
-        ).all()
+        summaries = summarize_studies(connection, newest, with_results=False)
         jobs, deliveries = _results_by_series(connection, select(Series.id).where(Series.study_id.in_(page)))
         purged = _purged_studies(connection, select(Study.study_instance_uid).where(Study.id.in_(page)))
-    by_study: dict[int, list] = {}
-    for row in series_rows:
-        by_study.setdefault(row.study_id, []).append(row)
     result = []
-    for study in studies:
-        rows = by_study.get(study.id, [])
-        was_purged = study.study_instance_uid in purged
+    for summary in summaries:
+        was_purged = summary.study.study_instance_uid in purged
         states = [
-            series_state(row.state, jobs.get(row.id, {}), deliveries.get(row.id, {}), was_purged and not row.n)
-            for row in rows
+            series_state(row.state, jobs.get(row.series_id, {}), deliveries.get(row.series_id, {}),
+                         was_purged and not row.instances)
+            for row in summary.series
         ]
         result.append(
             {
-                "StudyInstanceUID": study.study_instance_uid,
-                "PatientID": study.patient_id,
-                "PatientName": study.patient_name,
-                "AccessionNumber": study.accession_number,
-                "StudyDate": study.study_date,
-                "StudyDescription": study.study_description,
-                "ModalitiesInStudy": sorted({row.modality for row in rows if row.modality}),
-                "NumberOfStudyRelatedSeries": len(rows),
-                "NumberOfStudyRelatedInstances": sum(row.n for row in rows),
+                **summary.attributes(),
                 "state": study_state(states),
-                "received_at": _iso(study.created_at),
-                "last_received_at": _iso(max((row.last_received_at for row in rows), default=None)),
+                "received_at": _iso(summary.study.created_at),
+                "last_received_at": _iso(max((row.last_received_at for row in summary.series), default=None)),
             }
         )
     return result

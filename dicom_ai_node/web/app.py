@@ -25,26 +25,21 @@ from dicom_ai_node.config import Config
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index, Sender
-from dicom_ai_node.web.dicomweb import (
-    DICOM_JSON,
+from dicom_ai_node.web.dicom_json import DICOM_JSON
+from dicom_ai_node.web.metrics import DicomRefusals, Metrics
+from dicom_ai_node.web.multipart import MultipartError, parse_multipart
+from dicom_ai_node.web.problem import HTTPProblem, problem_response
+from dicom_ai_node.web.qido import Qido, Query
+from dicom_ai_node.web.settings import WebSection
+from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
+from dicom_ai_node.web.wado import (
     Archive,
-    HTTPProblem,
-    MultipartError,
-    Query,
-    Stow,
-    check_stow_content_type,
     frame_numbers,
     frames_response,
     metadata_response,
-    parse_multipart,
     pixel_frames,
-    problem_response,
     retrieve_response,
-    spool_body,
-    stow_response,
 )
-from dicom_ai_node.web.metrics import DicomRefusals, Metrics
-from dicom_ai_node.web.settings import WebSection
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +144,7 @@ def create_app(
     auth = Authenticator(settings)
     metrics = Metrics(engine, dicom_refusals)
     stow = Stow(index, store, metrics, config.storage.max_inflated_mb * 2**20)
+    qido = Qido(engine, store.root)
     archive = Archive(engine, store.root)
 
     def base_url(request: Request) -> str:
@@ -195,12 +191,12 @@ def create_app(
             query = Query.from_request(request, settings.qido_max_results)
             params = uids(request)
             if level == "studies":
-                found = await run_in_threadpool(archive.search_studies, query, base_url(request))
+                found = await run_in_threadpool(qido.search_studies, query, base_url(request))
             elif level == "series":
-                found = await run_in_threadpool(archive.search_series, query, base_url(request), params.get("study"))
+                found = await run_in_threadpool(qido.search_series, query, base_url(request), params.get("study"))
             else:
                 found = await run_in_threadpool(
-                    archive.search_instances, query, base_url(request), params.get("study"), params.get("series")
+                    qido.search_instances, query, base_url(request), params.get("study"), params.get("series")
                 )
             warning = query.warning()
             return JSONResponse(found, media_type=DICOM_JSON, headers={"Warning": warning} if warning else None)
