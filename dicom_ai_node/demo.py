@@ -504,9 +504,9 @@ def _models_and_routes(config: Config) -> str:
     lines = []
     for name, model in config.models.items():
         lines.append(f"\n[models.{name}]")
-        lines += [
-            f"{key} = {_toml(value)}" for key, value in model.model_dump(mode="json", exclude_defaults=True).items()
-        ]
+        # `kind` has a default (its class's own), which exclude_defaults would leave out.
+        values = {"kind": model.kind, **model.model_dump(mode="json", exclude_defaults=True)}
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
     for route in config.routes:
         lines.append("\n[[routes]]")  # without destinations: the demo never sends anything anywhere
         values = route.model_dump(mode="json", exclude_defaults=True, exclude={"destinations"})

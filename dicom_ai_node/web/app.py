@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dicom_ai_node.config import Config
+from dicom_ai_node.config import Config, WebSection
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index, Sender
@@ -44,7 +44,6 @@ from dicom_ai_node.web.dicomweb import (
     stow_response,
 )
 from dicom_ai_node.web.metrics import DicomRefusals, Metrics
-from dicom_ai_node.web.settings import WebSection
 
 log = logging.getLogger(__name__)
 
