@@ -503,7 +503,7 @@ def test_systemd_unit_writes_every_path_of_the_bare_metal_config():
         assert path.is_absolute() and _covered(path, writable), f"{what} {path} is not writable for the unit"
         assert not _covered(path, ["/home", "/root", "/run/user"]), f"{what} {path} is hidden by ProtectHome"
     for name, model in config.models.items():  # read-only, from the checkout the guide clones
-        assert model.path is None or _covered(model.path, ["/opt/dicom-ai-node"]), name
+        assert getattr(model, "path", None) is None or _covered(model.path, ["/opt/dicom-ai-node"]), name
     assert "/opt/dicom-ai-node/.venv/bin/dicom-ai-node" in service["ExecStart"]
     assert not any(key in {"InaccessiblePaths", "TemporaryFileSystem", "PrivateUsers", "DynamicUser"}
                    for key, _ in _unit_lines())
