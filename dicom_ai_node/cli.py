@@ -22,7 +22,7 @@ from rich.padding import Padding
 from rich.table import Column, Table
 from rich.text import Text
 
-from dicom_ai_node.config import CONFIG_ENV, Config, load_config
+from dicom_ai_node.config import CONFIG_ENV, Config, DimseDestination, MonaiBundleConfig, TorchScriptConfig, load_config
 from dicom_ai_node.errors import NodeError, StartupError
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
@@ -422,11 +422,11 @@ def _echo_target(settings: Config, name: str) -> tuple[str, int, str, Any, str]:
         return peer.host, peer.port, peer.ae_title, None, "peer"
     destination = settings.destinations.get(name)
     if destination is None:
-        dimse = [key for key, value in settings.destinations.items() if value.kind == "dimse"]
+        dimse = [key for key, value in settings.destinations.items() if isinstance(value, DimseDestination)]
         known = ", ".join(sorted({*settings.peers, *dimse})) or "none configured"
         raise NodeError(f"no peer named {name!r} in [peers], nor a destination of kind dimse in [destinations] "
                         f"(known: {known})")
-    if destination.kind != "dimse":
+    if not isinstance(destination, DimseDestination):
         raise NodeError(f"destination {name!r} is of kind {destination.kind}: echo speaks DICOM (C-ECHO) only")
     tls = None
     if destination.tls:
@@ -436,7 +436,6 @@ def _echo_target(settings: Config, name: str) -> tuple[str, int, str, Any, str]:
             tls = _tls_context(destination)
         except _Unusable as exc:
             raise NodeError(f"destination {name!r}: {exc}") from None
-    assert destination.host and destination.port and destination.ae_title  # DestinationConfig checks kind dimse
     return destination.host, destination.port, destination.ae_title, tls, "destination"
 
 
@@ -535,7 +534,7 @@ def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
             {
                 "name": name,
                 "kind": model.kind,
-                "path": str(model.path) if model.path else None,
+                "path": str(model.path) if isinstance(model, MonaiBundleConfig | TorchScriptConfig) else None,
                 "device": device,
                 "routes": [route.name for route in settings.routes if name in route.models],
                 "loaded": bool(held.get(name)),

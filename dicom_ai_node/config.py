@@ -4,7 +4,10 @@ Unknown keys and bad values stop start-up with a message that names the key
 (`dimse.port: Input should be less than or equal to 65535`), because a typo in
 a hospital's config must not silently fall back to a default.
 Relative paths are resolved against the folder of the config file, so the node
-behaves the same whatever directory it is started from.
+behaves the same whatever directory it is started from: every `Path` field of
+every section goes through one validator (`_Section`), defaults included.
+Destinations and models are tables of several kinds: one class per kind, chosen
+by the table's `kind`, so a key of another kind is an unknown key.
 """
 
 from __future__ import annotations
@@ -13,17 +16,29 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dicom_ai_node.errors import NodeError
-from dicom_ai_node.web.settings import WebSection
 
 CONFIG_ENV = "DICOM_AI_NODE_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
 
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # default character repertoire, no backslash
+_WEB_CLIENT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,16}")  # recorded as the sender's "AE title" of STOW-RS instances
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONFIG_FOLDER = "config_folder"  # validation context: the folder relative paths are resolved against
 
 
 def _check_ae_title(value: str) -> str:
@@ -36,8 +51,44 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
+def _in_config_folder(path: Path, info: ValidationInfo) -> Path:
+    """`path` resolved against the config file's folder when validating a file (load_config), else as given."""
+    folder = (info.context or {}).get(_CONFIG_FOLDER)
+    return path if folder is None or path.is_absolute() else folder / path
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A table of the config file.  Defaults and nested sections are validated too (validate_default,
+    revalidate_instances), so that every path, given or default, goes through `_paths_in_config_folder`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, revalidate_instances="always")
+
+    @field_validator("*")
+    @classmethod
+    def _paths_in_config_folder(cls, value: object, info: ValidationInfo) -> object:
+        return _in_config_folder(value, info) if isinstance(value, Path) else value
+
+
+class _ByKind(_Section):
+    """Base of the classes of one table's kinds.  Calling the base itself, `DestinationConfig(kind="dimse", ...)`,
+    builds the class of that kind, as a table of the config file does (Python then runs that class's __init__
+    with the same arguments: validated twice, which a config of a few fields can afford)."""
+
+    kind: str
+
+    def __new__(cls, *args: Any, **data: Any) -> Any:
+        if cls in _KINDS:
+            return _KINDS[cls].validate_python(data)
+        return super().__new__(cls)
 
 
 class NodeSection(_Section):
@@ -160,9 +211,11 @@ class DatabaseSection(_Section):
 
     @field_validator("url")
     @classmethod
-    def _scheme(cls, value: str) -> str:
+    def _scheme(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("sqlite:///", "postgresql")):
             raise ValueError("must start with sqlite:/// or postgresql:// (postgresql+psycopg://)")
+        if value.startswith("sqlite:///"):  # the file's path, as any path field
+            return "sqlite:///" + str(_in_config_folder(Path(value.removeprefix("sqlite:///")), info))
         return value
 
 
@@ -182,23 +235,12 @@ class Peer(_Section):
     port: int = Field(ge=1, le=65535)
 
 
-class ModelConfig(_Section):
-    """A model by name; `kind` says how it is loaded."""
+class ModelConfig(_ByKind):
+    """A model by name; `kind` says how it is loaded, each kind its own class."""
 
-    kind: Literal["builtin", "monai_bundle", "torchscript"]
-    path: Path | None = None  # bundle directory or TorchScript file
     device: str = "auto"  # auto = cuda when present, else cpu
-    mixed_precision: bool = False
-    labels: dict[str, str] = {}  # label name -> "SCT:code:meaning" (bundles with no channel names)
     # BINARY SEG (segments may overlap) or LABELMAP (one label per voxel; overlap is an error).
     seg_type: Literal["binary", "labelmap"] = "binary"
-    # monai_bundle: array orientation the network expects, replacing the bundle's Orientationd
-    # (older Zoo bundles were trained on LPS arrays); None keeps the bundle's own. torchscript: None means RAS.
-    orientation: Literal["RAS", "LPS"] | None = None
-    # torchscript only: the preprocessing a TorchScript file does not carry.
-    target_spacing: tuple[float, float, float] | None = None  # mm along the RAS-oriented axes; None = native grid
-    intensity_window: tuple[float, float] | None = None  # clipped and scaled to [0, 1]; None = raw values
-    roi_size: tuple[int, int, int] = (96, 96, 96)  # sliding-window patch
 
     @field_validator("device")
     @classmethod
@@ -207,11 +249,65 @@ class ModelConfig(_Section):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @model_validator(mode="after")
-    def _path(self) -> ModelConfig:
-        if self.kind != "builtin" and self.path is None:
-            raise ValueError(f"path is required for kind = {self.kind!r}")
-        return self
+
+class BuiltinModelConfig(ModelConfig):
+    """The built-in CT tissue model: nothing to load from disk."""
+
+    kind: Literal["builtin"] = "builtin"
+
+
+class _ModelFromFile(ModelConfig):
+    """A model loaded from `path`, which must exist when the config is read: a node whose model is not
+    there must not start and report "ready", to fail at the first series routed to it."""
+
+    path: Path
+    mixed_precision: bool = False
+    labels: dict[str, str] = {}  # label name -> "SCT:code:meaning" (networks that do not name their channels)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(
+                f"{value} does not exist (a relative path is resolved against the folder of the config file)"
+            )
+        return value
+
+
+class MonaiBundleConfig(_ModelFromFile):
+    """A MONAI bundle directory in Model Zoo layout: its own pre- and postprocessing."""
+
+    kind: Literal["monai_bundle"] = "monai_bundle"
+    # Array orientation the network expects, replacing the bundle's Orientationd (older Zoo bundles were
+    # trained on LPS arrays); None keeps the bundle's own.
+    orientation: Literal["RAS", "LPS"] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _directory(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a directory (a MONAI bundle is one)")
+        return value
+
+
+class TorchScriptConfig(_ModelFromFile):
+    """A TorchScript file plus the preprocessing it does not carry."""
+
+    kind: Literal["torchscript"] = "torchscript"
+    orientation: Literal["RAS", "LPS"] = "RAS"  # array orientation the network was trained on
+    target_spacing: tuple[float, float, float] | None = None  # mm along the RAS-oriented axes; None = native grid
+    intensity_window: tuple[float, float] | None = None  # clipped and scaled to [0, 1]; None = raw values
+    roi_size: tuple[int, int, int] = (96, 96, 96)  # sliding-window patch
+
+    @field_validator("path")
+    @classmethod
+    def _file(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file (a TorchScript model is one)")
+        return value
+
+
+AnyModelConfig = Annotated[BuiltinModelConfig | MonaiBundleConfig | TorchScriptConfig, Field(discriminator="kind")]
 
 
 class RouteConfig(_Section):
@@ -238,42 +334,72 @@ class RouteConfig(_Section):
         return value
 
 
-class DestinationConfig(_Section):
-    """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API.
+class DestinationConfig(_ByKind):
+    """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API."""
 
-    Secrets never sit in this file or on a command line: `password_env` / `token_env`
-    name environment variables that hold them.
-    """
+    timeout_seconds: float = Field(60.0, gt=0)
 
-    kind: Literal["dimse", "dicomweb", "orthanc"]
-    # dimse
-    ae_title: AETitle | None = None
-    host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
+
+class DimseDestination(DestinationConfig):
+    """C-STORE to a DICOM node, over DICOM TLS with `tls`."""
+
+    kind: Literal["dimse"] = "dimse"
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
     tls: bool = False
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # dicomweb (base URL of the DICOMweb root) and orthanc (base URL of the REST API)
-    url: str | None = None
+    tls_ca_file: Path | None = None  # CAs that sign the destination's certificate; None = the system's
+    tls_cert_file: Path | None = None  # our client certificate (PEM), for a destination that asks for one
+    tls_key_file: Path | None = None  # its key, unless in tls_cert_file
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> DimseDestination:
+        given = [key for key in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, key) is not None]
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)}: not used unless tls = true")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return self
+
+
+class HttpDestination(DestinationConfig):
+    """A destination reached over HTTP(S).  Secrets never sit in the config file or on a command line:
+    `password_env` / `token_env` name environment variables that hold them."""
+
+    url: HttpUrl
     username: str | None = None
     password_env: str | None = None
     token_env: str | None = None
-    # orthanc: labels put on the study after upload
-    labels: list[str] = []
-    timeout_seconds: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
-    def _required(self) -> DestinationConfig:
-        need = {"dimse": ("ae_title", "host", "port"), "dicomweb": ("url",), "orthanc": ("url",)}[self.kind]
-        missing = [key for key in need if getattr(self, key) is None]
-        if missing:
-            raise ValueError(f"kind = {self.kind!r} needs {', '.join(missing)}")
+    def _credentials(self) -> HttpDestination:
         if self.username and not self.password_env:
             raise ValueError("username needs password_env (the environment variable holding the password)")
         if self.username and self.token_env:
             raise ValueError("use either username + password_env or token_env, not both")
         return self
+
+
+class DicomwebDestination(HttpDestination):
+    """STOW-RS; `url` is the DICOMweb root."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+
+
+class OrthancDestination(HttpDestination):
+    """Orthanc's REST API; `url` is its base URL."""
+
+    kind: Literal["orthanc"] = "orthanc"
+    labels: list[str] = []  # put on the study after upload (Orthanc 1.12 or newer)
+
+
+AnyDestinationConfig = Annotated[
+    DimseDestination | DicomwebDestination | OrthancDestination, Field(discriminator="kind")
+]
+_KINDS: dict[type, TypeAdapter[Any]] = {
+    DestinationConfig: TypeAdapter(AnyDestinationConfig),
+    ModelConfig: TypeAdapter(AnyModelConfig),
+}
 
 
 class SourceConfig(_Section):
@@ -284,19 +410,12 @@ class SourceConfig(_Section):
     """
 
     kind: Literal["orthanc"]
-    url: str  # base URL of Orthanc's REST API
+    url: HttpUrl  # base URL of Orthanc's REST API
     username: str | None = None
     password_env: str | None = None
     poll_seconds: float = Field(5.0, gt=0, le=3600)
     batch_size: int = Field(100, ge=1, le=10000)  # changes read per request to /changes
     timeout_seconds: float = Field(60.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
 
     @model_validator(mode="after")
     def _credentials(self) -> SourceConfig:
@@ -355,6 +474,99 @@ class LoggingSection(_Section):
         return value
 
 
+class WebClient(_Section):
+    """One caller: a bearer token (OHIF, a script) or a basic-auth user named `name`."""
+
+    name: str
+    token_sha256: str | None = None  # hex SHA-256 of the bearer token
+    token_env: str | None = None  # environment variable holding the bearer token
+    password_env: str | None = None  # environment variable holding the basic-auth password of `name`
+    write: bool = True  # may store (STOW-RS); read-only clients get 403 there
+    # May search and retrieve (QIDO-RS, WADO-RS); false for a sender that only stores, or a Prometheus
+    # scraper that only reads /metrics (which any client may).
+    read: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _WEB_CLIENT_NAME.fullmatch(value):
+            raise ValueError("1 to 16 characters: letters, digits, '_', '.', '@', '-'")
+        return value
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.fullmatch(value.lower()):
+            raise ValueError("must be 64 hex digits (sha256sum of the token)")
+        return value and value.lower()
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> WebClient:
+        given = [key for key in ("token_sha256", "token_env", "password_env") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of token_sha256, token_env, password_env")
+        return self
+
+
+class WebSection(_Section):
+    """The DICOMweb server (STOW-RS, QIDO-RS, WADO-RS) and its probes.
+
+    Secrets never sit in the config file in clear: a client's bearer token is given as its SHA-256 (safe to keep
+    in a file, since tokens are long and random) or as the name of an environment variable holding it; a
+    basic-auth password only through an environment variable.
+    """
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # DICOMweb root: OHIF's qidoRoot / wadoRoot / stowRoot is http://host:port{base_path}.
+    base_path: str = "/dicom-web"
+    clients: list[WebClient] = []
+    # Without credentials: reads (QIDO/WADO) and writes (STOW) are refused unless allowed here.
+    allow_anonymous_read: bool = False
+    allow_anonymous_write: bool = False
+    # /metrics names calling AE titles and web clients, so it needs a client's credential unless this is set.
+    allow_anonymous_metrics: bool = False
+    cors_origins: list[str] = []  # e.g. ["http://localhost:3000"] for an OHIF dev server; "*" = any
+    # Largest STOW-RS body, MiB.  It is spooled to a temporary file in storage.path and stored one instance at
+    # a time, so this bounds disk, not memory: 2 GiB holds a 4000-slice CT series in one request.
+    max_request_mb: int = Field(2048, ge=1)
+    qido_max_results: int = Field(1000, ge=1, le=100000)  # also the default `limit`
+    # HTTPS (TLS 1.2 or newer, BCP 195): the server's certificate (PEM, chain included) and its private key.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # CAs (PEM) that sign client certificates: a client presenting a certificate must have one they signed;
+    # with tls_require_client_certificate every client must present one, besides its token or password.
+    tls_ca_file: Path | None = None
+    tls_require_client_certificate: bool = False
+
+    @field_validator("base_path")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*/?", value):
+            raise ValueError("a URL path such as /dicom-web")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique(self) -> WebSection:
+        names = [client.name for client in self.clients]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"clients: duplicate name(s) {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> WebSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file (HTTPS)")
+        if self.tls_require_client_certificate and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_certificate needs tls_ca_file (the CA signing client certificates)")
+        return self
+
+
 class Config(_Section):
     node: NodeSection = NodeSection()
     dimse: DimseSection = DimseSection()
@@ -362,10 +574,10 @@ class Config(_Section):
     database: DatabaseSection = DatabaseSection()
     series: SeriesSection = SeriesSection()
     peers: dict[str, Peer] = {}
-    models: dict[str, ModelConfig] = {"ct-tissue": ModelConfig(kind="builtin")}
+    models: dict[str, AnyModelConfig] = {"ct-tissue": BuiltinModelConfig()}
     routes: list[RouteConfig] = [RouteConfig(name="ct", modality="CT", min_slices=3, models=["ct-tissue"])]
     workers: WorkersSection = WorkersSection()
-    destinations: dict[str, DestinationConfig] = {}
+    destinations: dict[str, AnyDestinationConfig] = {}
     sources: dict[str, SourceConfig] = {}
     delivery: DeliverySection = DeliverySection()
     logging: LoggingSection = LoggingSection()
@@ -418,49 +630,42 @@ def load_config(explicit: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        config = Config.model_validate(raw)
+        config = Config.model_validate(raw, context={_CONFIG_FOLDER: path.resolve().parent})
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid configuration:\n{_describe(exc)}") from None
-    return _resolve_paths(config, path.resolve().parent).model_copy(update={"source": path.resolve()})
+        raise ConfigError(f"{path}: invalid configuration:\n{_describe(exc, raw)}") from None
+    return config.model_copy(update={"source": path.resolve()})
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        key, kind = _key(error["loc"], raw)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key" + (f" for kind = {kind!r}" if kind else "")
+        elif error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            key = f"{key}.kind"
+            expected = error.get("ctx", {}).get("expected_tags")
+            message = f"must be one of {expected}" if expected else "Field required"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {message}" if key else f"  {message}")
     return "\n".join(lines)
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
-    storage = config.storage.model_copy(update={"path": _absolute(config.storage.path, base)})
-    url = config.database.url
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = "sqlite:///" + str(_absolute(Path(url.removeprefix("sqlite:///")), base))
-    database = config.database.model_copy(update={"url": url})
-    models = {
-        name: model.model_copy(update={"path": model.path and _absolute(model.path, base)})
-        for name, model in config.models.items()
-    }
-    dimse = config.dimse
-    if dimse.tls is not None:
-        tls = dimse.tls.model_copy(update={
-            key: _absolute(getattr(dimse.tls, key), base)
-            for key in ("cert_file", "key_file", "ca_file") if getattr(dimse.tls, key) is not None
-        })
-        dimse = dimse.model_copy(update={"tls": tls})
-    web = config.web.model_copy(update={
-        key: _absolute(getattr(config.web, key), base)
-        for key in ("tls_cert_file", "tls_key_file", "tls_ca_file") if getattr(config.web, key) is not None
-    })
-    log_file = config.logging.file and _absolute(config.logging.file, base)
-    logging = config.logging.model_copy(update={"file": log_file})
-    return config.model_copy(
-        update={"storage": storage, "database": database, "logging": logging, "models": models, "dimse": dimse,
-                "web": web}
-    )
-
-
-def _absolute(path: Path, base: Path) -> Path:
-    return path if path.is_absolute() else base / path
+def _key(loc: tuple[int | str, ...], raw: object) -> tuple[str, str | None]:
+    """The key in the file of an error's location, and the table's kind: pydantic puts the kind in the location
+    (destinations.pacs.dimse.url) where the file has none (destinations.pacs.url)."""
+    parts: list[str] = []
+    kind = None
+    for part in loc:
+        if isinstance(raw, dict) and part not in raw and raw.get("kind") == part:
+            kind = str(part)
+            continue
+        parts.append(str(part))
+        if isinstance(raw, dict):
+            raw = raw.get(part)
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            raw = None
+    return ".".join(parts), kind

@@ -490,7 +490,11 @@ def _raise_interrupt(_signum: int, _frame: Any) -> None:
 
 def _models_and_routes(config: Config) -> str:
     """The [models] and [[routes]] of an admin's config as TOML; nothing else of it reaches the demo."""
-    models = {name: model.model_dump(mode="json", exclude_defaults=True) for name, model in config.models.items()}
+    # `kind` has a default (its class's own), which exclude_defaults would leave out.
+    models = {
+        name: {"kind": model.kind, **model.model_dump(mode="json", exclude_defaults=True)}
+        for name, model in config.models.items()
+    }
     # Without destinations: the demo never sends anything anywhere.
     routes = [route.model_dump(mode="json", exclude_defaults=True, exclude={"destinations"}) for route in config.routes]
     # An empty table is left out, as if the admin had not written it: the demo's defaults apply.

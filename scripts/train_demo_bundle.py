@@ -26,7 +26,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 from monai.utils import set_determinism
 
-from dicom_ai_node.config import ModelConfig
+from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.bundle import MonaiBundleModel, in_memory_preprocessing, read_bundle_config
 from dicom_ai_node.phantoms import MRContrast, MRPhantom, PhantomGeometry
 from dicom_ai_node.phantoms.ct import FEET_FIRST_AXIAL, HU_LUNG
@@ -151,9 +151,7 @@ def main() -> None:
     trained = time.perf_counter() - started
     print(f"wrote {weights} ({weights.stat().st_size / 1024:.0f} KiB) after {trained:.0f} s")
 
-    model = MonaiBundleModel(
-        "demo-mr", ModelConfig(kind="monai_bundle", path=options.bundle, device="cpu", labels=LABELS)
-    )
+    model = MonaiBundleModel("demo-mr", MonaiBundleConfig(path=options.bundle, device="cpu", labels=LABELS))
     scores = []
     for phantom in held_out_phantoms():
         volume = phantom.volume()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dicom_ai_node.config import ModelConfig
+from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.bundle import ANATOMICAL_STRUCTURE, MonaiBundleModel
 from dicom_ai_node.inference.registry import ModelUnavailable
 from dicom_ai_node.inference.segmentation import CodedConcept
@@ -35,8 +35,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
-def bundle_config(path: Path, **kwargs) -> ModelConfig:
-    return ModelConfig(kind="monai_bundle", path=path, **{"labels": LABELS, **kwargs})
+def bundle_config(path: Path, **kwargs) -> MonaiBundleConfig:
+    return MonaiBundleConfig(path=path, **{"labels": LABELS, **kwargs})
 
 
 def copy_bundle(tmp_path: Path) -> Path:
@@ -189,7 +189,7 @@ def test_orientation_override_flips_what_the_network_sees(tmp_path, phantom_volu
     torch.jit.script(FirstHalfOfAxis0()).save(str(bundle / "models" / "model.ts"))
     _, volume = phantom_volume
 
-    mask = MonaiBundleModel("demo-mr", bundle_config(bundle), orientation=orientation).predict(volume).masks[0]
+    mask = MonaiBundleModel("demo-mr", bundle_config(bundle, orientation=orientation)).predict(volume).masks[0]
 
     k, j, i = np.nonzero(mask)
     x_lps = (volume.affine @ np.stack([i, j, k, np.ones_like(i)]))[0]

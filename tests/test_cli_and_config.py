@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,18 @@ def test_shipped_config_is_the_embedded_default():
         ('[database]\nurl = "mysql://x"\n', "database.url"),
         ("[dimse\n", "not valid TOML"),
         ('[[routes]]\nname = "x"\nmodality = "CT"\nmodels = ["nope"]\n', "routes.0.models: no model named 'nope'"),
-        ('[models.m]\nkind = "torchscript"\n', "models.m: path is required for kind = 'torchscript'"),
-        ('[destinations.pacs]\nkind = "dimse"\nhost = "x"\n', "destinations.pacs: kind = 'dimse' needs ae_title, port"),
+        ('[models.m]\nkind = "torchscript"\n', "models.m.path: Field required"),
+        ('[models.m]\nkind = "onnx"\n', "models.m.kind: must be one of 'builtin', 'monai_bundle', 'torchscript'"),
+        ('[destinations.pacs]\nkind = "dimse"\nhost = "x"\n', "destinations.pacs.ae_title: Field required"),
+        ('[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nport = 104\n', "destinations.pacs.host: Field required"),
+        ('[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nhost = "x"\nport = 104\nurl = "http://x"\n',
+         "destinations.pacs.url: unknown key for kind = 'dimse'"),
+        ('[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nhost = "x"\nport = 104\ntls_ca_file = "ca.pem"\n',
+         "destinations.pacs: tls_ca_file: not used unless tls = true"),
+        ('[destinations.web]\nkind = "dicomweb"\nurl = "pacs.local/dicom-web"\n',
+         "destinations.web.url: must start with http:// or https://"),
+        ('[destinations.web]\nkind = "orthanc"\nurl = "http://x"\nhost = "x"\n',
+         "destinations.web.host: unknown key for kind = 'orthanc'"),
         ('[destinations.web]\nkind = "dicomweb"\nurl = "http://x"\nusername = "u"\n',
          "destinations.web: username needs password_env"),
         ('[[routes]]\nname = "x"\nmodality = "CT"\nmodels = ["ct-tissue"]\ndestinations = ["nowhere"]\n',
@@ -60,6 +71,64 @@ def test_bad_config_stops_start_up_naming_the_key(tmp_path, text, named):
     result = _cli("serve", config=path)
     assert result.returncode == 2
     assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_path_is_resolved_against_the_config_folder(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "config.toml").write_text(
+        '[dimse.tls]\ncert_file = "tls/node.pem"\nkey_file = "tls/node.key"\nca_file = "tls/ca.pem"\n'
+        '[web]\ntls_cert_file = "tls/web.pem"\ntls_key_file = "tls/web.key"\n'
+        '[logging]\nfile = "log/node.log"\n'
+        '[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nhost = "pacs"\nport = 2762\ntls = true\n'
+        'tls_ca_file = "tls/pacs-ca.pem"\ntls_cert_file = "tls/client.pem"\ntls_key_file = "tls/client.key"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(Path("../site/config.toml"))
+
+    pacs = config.destinations["pacs"]
+    assert (pacs.tls_ca_file, pacs.tls_cert_file, pacs.tls_key_file) == (
+        site / "tls" / "pacs-ca.pem", site / "tls" / "client.pem", site / "tls" / "client.key")
+    assert config.dimse.tls is not None and config.dimse.tls.cert_file == site / "tls" / "node.pem"
+    assert config.web.tls_cert_file == site / "tls" / "web.pem"
+    assert config.database.url == f"sqlite:///{site}/var/dicom-ai-node.sqlite"
+    paths = list(_paths(config.model_dump(exclude={"source"})))
+    assert len(paths) == 10 and all(path.is_relative_to(site) for path in paths), paths
+
+
+def _paths(value: object):
+    if isinstance(value, Path):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _paths(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _paths(item)
+
+
+def test_a_model_path_that_does_not_exist_stops_start_up(tmp_path):
+    """config.toml copied to another folder (/etc/dicom-ai-node/, as the deploy guide does) loses models/."""
+    path = tmp_path / "config.toml"
+    path.write_text((REPO / "config.toml").read_text())
+    missing = tmp_path / "models" / "demo-mr-bundle"
+    named = f"models.demo-mr.path: {missing} does not exist"
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(path)
+    result = _cli("serve", config=path)
+    assert result.returncode == 2 and named in result.stderr
+
+
+def test_the_config_module_imports_no_web_module():
+    """Configuration sections belong to config; the web server imports them, never the other way round."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, dicom_ai_node.config; print(sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split("'")
+    assert [name for name in imported if name.startswith("dicom_ai_node.web")] == []
 
 
 def test_config_from_environment_variable(tmp_path):

@@ -22,11 +22,22 @@ from conftest import storescu
 import orthanc as orthanc_module
 from orthanc import OrthancProcess
 
-from dicom_ai_node.config import load_config
+from dicom_ai_node.config import Config, load_config
 from dicom_ai_node.phantoms import CTPhantom
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ORTHANC_DIR = DEPLOY / "orthanc"
+IMAGE_MODELS = "/opt/dicom-ai-node/models"  # where the Dockerfile copies models/
+
+
+@pytest.fixture(scope="module")
+def docker_config(tmp_path_factory) -> Config:
+    """config.docker.toml as the image reads it: its model paths, which must exist at load, are the image's
+    copy of models/, here the repository's."""
+    text = (DEPLOY / "config.docker.toml").read_text()
+    path = tmp_path_factory.mktemp("image") / "config.toml"
+    path.write_text(text.replace(f'"{IMAGE_MODELS}/', f'"{DEPLOY.parent / "models"}/'))
+    return load_config(path)
 
 
 @pytest.fixture
@@ -169,7 +180,7 @@ def test_orthanc_folder_splits_integration_and_site_settings():
         assert needle in lua
 
 
-def test_compose_file_references_are_consistent():
+def test_compose_file_references_are_consistent(docker_config):
     compose = _compose()
     services = compose["services"]
     assert set(services) == {"postgres", "db-upgrade", "dicom-ai-node", "orthanc", "ohif"}
@@ -191,7 +202,7 @@ def test_compose_file_references_are_consistent():
     assert services["db-upgrade"]["command"] == ["db", "upgrade"]
     assert node["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
 
-    config = load_config(DEPLOY / "config.docker.toml")
+    config = docker_config
     site = json.loads((ORTHANC_DIR / "site.json").read_text())
     integration = json.loads((ORTHANC_DIR / "orthanc.json").read_text())
     # The node: its storage on the named volume, PostgreSQL by service name (its port: see the ports test).
@@ -235,15 +246,13 @@ def test_docker_compose_config_passes():
     assert result.returncode == 0, result.stderr
 
 
-def test_docker_config_validates_with_routes_back_to_orthanc():
-    config = load_config(DEPLOY / "config.docker.toml")
+def test_docker_config_validates_with_routes_back_to_orthanc(docker_config):
+    config = docker_config
     assert {route.modality: route.destinations for route in config.routes} == {"CT": ["orthanc"], "MR": ["orthanc"]}
     assert config.database.url.startswith("postgresql") and ":" not in config.database.url.split("//")[1].split("@")[0]
-    # The Dockerfile copies models/ to /opt/dicom-ai-node/models: every bundle path must exist in the repository.
-    for name, model in config.models.items():
-        if model.path is not None:
-            relative = model.path.relative_to("/opt/dicom-ai-node")
-            assert (DEPLOY.parent / relative).exists(), f"models.{name}.path {model.path} is not in the image"
+    # Its model paths exist (load_config checks them) once mapped as the image lays them out.
+    assert f"COPY models {IMAGE_MODELS}\n" in (DEPLOY / "Dockerfile").read_text()
+    assert IMAGE_MODELS in (DEPLOY / "config.docker.toml").read_text()
 
 
 def _unit() -> configparser.ConfigParser:
@@ -253,14 +262,14 @@ def _unit() -> configparser.ConfigParser:
     return parser
 
 
-def test_systemd_unit_is_hardened_and_drains():
+def test_systemd_unit_is_hardened_and_drains(docker_config):
     unit = _unit()
     service = unit["Service"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     assert service["ExecStart"].endswith("dicom-ai-node serve")
     assert service["ExecStartPre"].endswith("dicom-ai-node db upgrade")
     assert service["Restart"] == "on-failure"
-    grace = load_config(DEPLOY / "config.docker.toml").node.shutdown_grace_seconds
+    grace = docker_config.node.shutdown_grace_seconds
     assert float(service["TimeoutStopSec"]) > grace
     assert service["KillMode"] == "mixed"
     assert service.get("User") or service.get("DynamicUser") == "yes"
@@ -329,7 +338,7 @@ def _published(service: dict) -> dict[int, int]:
     return published
 
 
-def test_compose_publishes_only_orthanc_dicom_and_the_viewer():
+def test_compose_publishes_only_orthanc_dicom_and_the_viewer(docker_config):
     services = _compose()["services"]
     site = json.loads((ORTHANC_DIR / "site.json").read_text())
     published = {name: _published(service) for name, service in services.items() if service.get("ports")}
@@ -338,7 +347,7 @@ def test_compose_publishes_only_orthanc_dicom_and_the_viewer():
     for service in services.values():
         assert "network_mode" not in service and not service.get("expose"), service
     # Orthanc still reaches the node, and OHIF Orthanc's HTTP port, inside the network.
-    config = load_config(DEPLOY / "config.docker.toml")
+    config = docker_config
     assert site["DicomModalities"]["ai-node"]["Port"] == config.dimse.port
     assert f"http://orthanc:{site['HttpPort']}/" in (DEPLOY / "ohif" / "default.conf.template").read_text()
 
@@ -374,12 +383,13 @@ def test_compose_ships_no_password():
     assert {"deploy/.env", ".env", "*.env"} & set(ignored), "deploy/.env is not in .gitignore"
 
 
-def test_logs_rotate_in_compose_and_in_the_node():
+def test_logs_rotate_in_compose_and_in_the_node(docker_config):
     for name, service in _compose()["services"].items():
         logging_options = service.get("logging", {})
         assert logging_options.get("driver") == "json-file" and logging_options["options"]["max-size"], name
-    for config_file in ("config.docker.toml", "config.systemd.toml"):
-        section = load_config(DEPLOY / config_file).logging
+    configs = {"config.docker.toml": docker_config, "config.systemd.toml": load_config(DEPLOY / "config.systemd.toml")}
+    for config_file, config in configs.items():
+        section = config.logging
         assert section.file is not None and section.max_mb > 0 and section.backups >= 1, config_file
 
 
@@ -493,7 +503,7 @@ def test_systemd_unit_writes_every_path_of_the_bare_metal_config():
         assert path.is_absolute() and _covered(path, writable), f"{what} {path} is not writable for the unit"
         assert not _covered(path, ["/home", "/root", "/run/user"]), f"{what} {path} is hidden by ProtectHome"
     for name, model in config.models.items():  # read-only, from the checkout the guide clones
-        assert model.path is None or _covered(model.path, ["/opt/dicom-ai-node"]), name
+        assert getattr(model, "path", None) is None or _covered(model.path, ["/opt/dicom-ai-node"]), name
     assert "/opt/dicom-ai-node/.venv/bin/dicom-ai-node" in service["ExecStart"]
     assert not any(key in {"InaccessiblePaths", "TemporaryFileSystem", "PrivateUsers", "DynamicUser"}
                    for key, _ in _unit_lines())
@@ -520,11 +530,12 @@ def test_docs_promise_nothing_that_already_exists():
     # Every model kind the configuration accepts is described in the README's table.
     from typing import get_args
 
-    from dicom_ai_node.config import LoggingSection, ModelConfig
+    from dicom_ai_node.config import AnyModelConfig, LoggingSection
 
     readme = (REPO / "README.md").read_text()
     (kind_row,) = [line for line in readme.splitlines() if line.startswith("| `models.NAME.kind`")]
-    for kind in get_args(ModelConfig.model_fields["kind"].annotation):
+    for model_class in get_args(get_args(AnyModelConfig)[0]):
+        (kind,) = get_args(model_class.model_fields["kind"].annotation)
         assert f"`{kind}`" in kind_row, kind
     for key in LoggingSection.model_fields:
         assert f"logging.{key}" in readme and re.search(rf"^#?\s*{key} = ", (REPO / "config.toml").read_text(), re.M), key

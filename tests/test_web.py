@@ -16,10 +16,10 @@ from conftest import NodeProcess, free_port
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import FileMetaDataset
 
+from dicom_ai_node.config import WebSection
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.web.app import Authenticator, AuthError
 from dicom_ai_node.web.multipart import parse_media_type, parse_multipart, read_range
-from dicom_ai_node.web.settings import WebSection
 
 TOKEN = secrets.token_urlsafe(24)
 READ_ONLY_TOKEN = secrets.token_urlsafe(24)

@@ -22,7 +22,7 @@ import requests
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from ..config import DestinationConfig
+from ..config import DicomwebDestination, HttpDestination
 from .outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class CredentialsError(Exception):
     """The destination names a secret that is not in the environment, or names it ambiguously."""
 
 
-def http_credentials(destination: DestinationConfig) -> tuple[tuple[str, str] | None, str | None]:
+def http_credentials(destination: HttpDestination) -> tuple[tuple[str, str] | None, str | None]:
     """(basic auth, bearer token) from the environment variables the config names; never from the config itself."""
     if destination.token_env and destination.username:
         raise CredentialsError("set either username + password_env or token_env, not both")
@@ -75,7 +75,7 @@ def connection_problem(exc: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
-def http_probe(url: str, destination: DestinationConfig, timeout: float, method: str = "HEAD") -> bool | None:
+def http_probe(url: str, destination: HttpDestination, timeout: float, method: str = "HEAD") -> bool | None:
     """Does the server at `url` answer, with the destination's credentials and TLS?  Any HTTP status below
     500 counts (401 and 404 too: the server is up, the send will tell the rest); 5xx (a proxy in front
     of a server that is down, or a server starting) and no connection do not.  None: cannot probe."""
@@ -103,8 +103,7 @@ def transient_failure_reason(code: int) -> bool:
 
 
 class StowRsSender:
-    def __init__(self, name: str, destination: DestinationConfig) -> None:
-        assert destination.url  # DestinationConfig checks dicomweb
+    def __init__(self, name: str, destination: DicomwebDestination) -> None:
         self.name = name
         self.destination = destination
         self.url = destination.url.rstrip("/") + "/studies"
@@ -153,7 +152,6 @@ class StowRsSender:
 
     def probe(self, timeout: float) -> bool | None:
         """HEAD of the DICOMweb root: see http_probe."""
-        assert self.destination.url
         return http_probe(self.destination.url, self.destination, timeout)
 
     def _outcome(self, response: requests.Response, uids: list[str]) -> Outcome:

@@ -33,7 +33,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from ..config import DestinationConfig
+from ..config import DimseDestination
 from .outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class _Unusable(Exception):
 class DimseSender:
     """C-STORE SCU for one destination; a fresh AE and association per send()."""
 
-    def __init__(self, name: str, destination: DestinationConfig, our_ae_title: str) -> None:
-        assert destination.ae_title and destination.host and destination.port  # DestinationConfig checks dimse
+    def __init__(self, name: str, destination: DimseDestination, our_ae_title: str) -> None:
         self.name = name
         self.destination = destination
         self.our_ae_title = our_ae_title
@@ -277,7 +276,7 @@ def _convertible(have: UID, agreed: UID) -> bool:
     )
 
 
-def _tls_context(destination: DestinationConfig) -> ssl.SSLContext:
+def _tls_context(destination: DimseDestination) -> ssl.SSLContext:
     """Built for every send, so renewed certificate files are picked up without a restart."""
     try:
         context = ssl.create_default_context(

@@ -20,7 +20,7 @@ from orthanc_api_client import OrthancApiClient
 from orthanc_api_client import exceptions as orthanc_errors
 from requests.adapters import HTTPAdapter
 
-from ..config import DestinationConfig
+from ..config import OrthancDestination
 from .dicomweb import CredentialsError, connection_problem, http_credentials, http_probe, transient_http_status
 from .outcome import Outcome
 
@@ -49,8 +49,7 @@ class _NoRetryAdapter(HTTPAdapter):
 
 
 class OrthancRestSender:
-    def __init__(self, name: str, destination: DestinationConfig) -> None:
-        assert destination.url  # DestinationConfig checks orthanc
+    def __init__(self, name: str, destination: OrthancDestination) -> None:
         self.name = name
         self.destination = destination
         self.url = destination.url.rstrip("/")

@@ -32,7 +32,7 @@ from monai.transforms import (
     SaveImaged,
 )
 
-from dicom_ai_node.config import ModelConfig
+from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
@@ -177,9 +177,7 @@ def _channel_names(metadata: dict[str, Any], codes: dict[str, str]) -> tuple[lis
 class MonaiBundleModel:
     """A MONAI bundle directory in Model Zoo layout, loaded once and kept warm."""
 
-    def __init__(self, name: str, config: ModelConfig, orientation: Axcodes | None = None) -> None:
-        if config.path is None:
-            raise ModelUnavailable(f"{name}: a monai_bundle needs a path")
+    def __init__(self, name: str, config: MonaiBundleConfig) -> None:
         self.name = name
         self.path = Path(config.path)
         self.device = resolve_device(config.device)
@@ -192,7 +190,7 @@ class MonaiBundleModel:
             raise ModelUnavailable(f"{name}: bundle {self.path} names no output channels; set models.{name}.labels")
         self.segments = coded_segments(names, config.labels, name)
         try:
-            self.preprocessing = in_memory_preprocessing(parser, orientation)
+            self.preprocessing = in_memory_preprocessing(parser, config.orientation)
             self.postprocessing = _in_memory_postprocessing(parser)
             self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
             self.network = self._load_network(parser)

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from dicom_ai_node.config import ModelConfig
+from dicom_ai_node.config import BuiltinModelConfig, ModelConfig, MonaiBundleConfig, TorchScriptConfig
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume
 
@@ -63,24 +63,27 @@ class ModelRegistry:
         config = self.configs.get(name)
         if config is None:
             raise ModelUnavailable(f"no model named {name!r} in [models]")
-        if config.kind == "builtin":
-            from dicom_ai_node.inference.builtin import BuiltinCTModel
+        match config:  # each kind's module is imported only where that kind is configured
+            case BuiltinModelConfig():
+                from dicom_ai_node.inference.builtin import BuiltinCTModel
 
-            return BuiltinCTModel(device=config.device)
-        if config.kind == "monai_bundle":
-            from dicom_ai_node.inference.bundle import MonaiBundleModel
+                return BuiltinCTModel(device=config.device)
+            case MonaiBundleConfig():
+                from dicom_ai_node.inference.bundle import MonaiBundleModel
 
-            return MonaiBundleModel(name, config, orientation=config.orientation)
-        from dicom_ai_node.inference.torchscript import TorchScriptModel
+                return MonaiBundleModel(name, config)
+            case TorchScriptConfig():
+                from dicom_ai_node.inference.torchscript import TorchScriptModel
 
-        return TorchScriptModel(
-            name,
-            config.path,
-            config.device,
-            config.target_spacing,
-            config.intensity_window,
-            config.roi_size,
-            config.labels,
-            orientation=config.orientation or "RAS",
-            mixed_precision=config.mixed_precision,
-        )
+                return TorchScriptModel(
+                    name,
+                    config.path,
+                    config.device,
+                    config.target_spacing,
+                    config.intensity_window,
+                    config.roi_size,
+                    config.labels,
+                    orientation=config.orientation,
+                    mixed_precision=config.mixed_precision,
+                )
+        raise ModelUnavailable(f"{name}: no loader for {type(config).__name__}")

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dicom_ai_node.config import Config
+from dicom_ai_node.config import Config, WebSection
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index, Sender
@@ -30,7 +30,6 @@ from dicom_ai_node.web.metrics import DicomRefusals, Metrics
 from dicom_ai_node.web.multipart import MultipartError, parse_multipart
 from dicom_ai_node.web.problem import HTTPProblem, problem_response
 from dicom_ai_node.web.qido import Qido, Query
-from dicom_ai_node.web.settings import WebSection
 from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
 from dicom_ai_node.web.wado import (
     Archive,
