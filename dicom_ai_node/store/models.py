@@ -125,7 +125,7 @@ class RefusedInstance(Base):
     """An instance refused with a transient status (Out of Resources, Processing Failure).
 
     The sender still holds it and is expected to send it again; until then its
-    series does not complete (see `Index.complete_stable_series`).  Keyed by
+    series does not complete (see `SeriesCompletion` in series/completion.py).  Keyed by
     UIDs, not by foreign keys: the refused instance may be the first of its series.
     The row goes once the instance is stored, or when its series gives up waiting.
     """

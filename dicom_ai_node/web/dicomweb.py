@@ -32,8 +32,9 @@ from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SO
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Arrivals, Index, Outcome, Sender
+from dicom_ai_node.store.index import Arrivals, Index
 from dicom_ai_node.store.models import Instance, ResultObject, Series, Study
+from dicom_ai_node.values import IngestOutcome, Sender
 from dicom_ai_node.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class Stow:
             header.sop_class_uid,
             header.sop_instance_uid,
             size=received.size,
-            duplicate=received.outcome is Outcome.DUPLICATE,
+            duplicate=received.outcome is IngestOutcome.DUPLICATE,
             series_uid=header.series_instance_uid,
             study_uid=header.study_instance_uid,
         )

@@ -1,5 +1,8 @@
 """The worker: claims jobs, builds the volume, runs the model, stores SEG and SR.
 
+Like node.py it wires stages together (inference, then results), so it sits beside it,
+above both: the results stage builds on inference's volumes and segmentations.
+
 Runs in its own process (started by `serve`, or alone with `dicom-ai-node worker`),
 so a long inference never slows the DICOM receiver.  A job that cannot succeed
 ends `skipped` (the series cannot form a volume for this model) or `failed`
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import Config, load_config
+from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
 from dicom_ai_node.inference.registry import Model, ModelRegistry, ModelUnavailable
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
@@ -30,8 +34,8 @@ from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
 from dicom_ai_node.store.db import make_engine
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.jobs import ClaimedJob, JobQueue, StageTimes, StoredResult
 from dicom_ai_node.store.models import JobState
+from dicom_ai_node.values import StageTimes, StoredResult
 
 log = logging.getLogger(__name__)
 
