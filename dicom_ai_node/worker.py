@@ -93,13 +93,26 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
-        route = next((r for r in self.config.routes if r.name == job.route), None)
-        destinations = list(route.destinations) if route else []
-        self.queue.finish(job, results, StageTimes(**times), device, model.version, destinations)
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, self._destinations(job))
         log.info(
             "job %d (%s) done: load %.2f s, inference %.2f s, write %.2f s",
             job.id, job.model, times["load"], times["inference"], times["write"],
         )
+
+    def _destinations(self, job: ClaimedJob) -> list[str]:
+        """Where the job's results go: as decided when its series was routed.
+
+        A job queued before jobs stored their destinations has none: it takes its route's current ones.
+        """
+        if job.destinations is not None:
+            return list(job.destinations)
+        route = next((r for r in self.config.routes if r.name == job.route), None)
+        if route is None:
+            log.warning("job %d (%s) was queued before jobs stored their destinations, and its route %r is no "
+                        "longer configured: its results are not delivered (send them with: dicom-ai-node resend %s "
+                        "--to DESTINATION)", job.id, job.model, job.route, job.study_instance_uid)
+            return []
+        return list(route.destinations)
 
     def _write_results(
         self, job: ClaimedJob, volume: Volume, segmentation: Segmentation, model: Model

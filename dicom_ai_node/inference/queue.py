@@ -31,6 +31,7 @@ class ClaimedJob:
     study_instance_uid: str
     series_number: int | None
     paths: list[Path]
+    destinations: tuple[str, ...] | None  # decided at routing; None for jobs queued before they were stored
 
 
 class JobQueue:
@@ -76,8 +77,8 @@ class JobQueue:
             if job_id is None:
                 return None
             row = connection.execute(
-                select(Job.model, Job.route, Series.id, Series.series_instance_uid, Series.series_number,
-                       Study.study_instance_uid)
+                select(Job.model, Job.route, Job.destinations, Series.id, Series.series_instance_uid,
+                       Series.series_number, Study.study_instance_uid)
                 .join(Series, Series.id == Job.series_id)
                 .join(Study, Study.id == Series.study_id)
                 .where(Job.id == job_id)
@@ -93,6 +94,7 @@ class JobQueue:
                 study_instance_uid=row.study_instance_uid,
                 series_number=row.series_number,
                 paths=[self.storage_root / path for path in paths],
+                destinations=None if row.destinations is None else tuple(row.destinations),
             )
 
     def finish(

@@ -94,6 +94,7 @@ class Router:
                         series_id=series_id,
                         route=decision.route,
                         model=model,
+                        destinations=list(decision.destinations),
                         state=JobState.QUEUED.value,
                         attempts=0,
                         created_at=now,

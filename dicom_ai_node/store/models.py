@@ -11,7 +11,19 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -179,6 +191,9 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # Where the results go, decided once when the series was routed: renaming or removing the route later
+    # changes nothing.  NULL for jobs queued before 0007: they use their route's destinations at finish.
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
