@@ -27,7 +27,7 @@ def test_each_stage_imports_alone(stage: str) -> None:
         "for module in pkgutil.iter_modules(stage.__path__, stage.__name__ + '.'):\n"
         "    importlib.import_module(module.name)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
 
 
