@@ -278,13 +278,15 @@ def _run_the_job(node: NodeProcess) -> list[str]:
     return sorted(row["destination"] for row in node.json("deliveries"))
 
 
-def test_results_go_where_routing_sent_them_though_the_route_was_renamed(node_factory, tmp_path, database_url):
+def test_results_go_where_routing_sent_them_though_the_route_was_renamed(node_factory, tmp_path):
+    """Routing decides once: the destinations are stored with the job, not looked up again by route name."""
     node = _route_one_job_then_rename_its_route(node_factory, tmp_path)
     assert _run_the_job(node) == ["pacs"]
 
 
 def test_a_job_queued_before_destinations_were_stored_looks_its_route_up(node_factory, tmp_path, caplog):
-    """Jobs queued before migration 0007 have no destinations: their route's, if it is still configured."""
+    """Jobs queued before migration 0007 have no destinations: they take their route's by name, and say so
+    when the route is gone."""
     node = _route_one_job_then_rename_its_route(node_factory, tmp_path)
     engine = make_engine(node.database_url)
     with engine.begin() as connection:
