@@ -201,8 +201,8 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Counts by state, disk use, the oldest series still waiting, what waits and why, the last start-up's repairs."""
     import shutil
 
-    from dicom_ai_node.store.index import refused_waiting
-    from dicom_ai_node.store.jobs import JobQueue
+    from dicom_ai_node.inference.queue import JobQueue
+    from dicom_ai_node.series.completion import refused_waiting
     from dicom_ai_node.store.reconcile import last_check
 
     settings = load_config(config)
@@ -520,7 +520,7 @@ def job_show(
 def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Configured models: kind, device, whether a worker holds them loaded, and the routes that use them."""
     from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
-    from dicom_ai_node.inference.worker import loaded_models
+    from dicom_ai_node.worker import loaded_models
 
     settings = load_config(config)
     held = loaded_models(settings)
@@ -558,7 +558,7 @@ def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @_plain_errors
 def worker(config: ConfigOption = None) -> None:
     """Run one job worker alone (e.g. on a GPU host sharing the PostgreSQL database and storage)."""
-    from dicom_ai_node.inference.worker import worker_main
+    from dicom_ai_node.worker import worker_main
 
     load_config(config)  # report a bad config here, in plain words
     worker_main(config)
@@ -611,8 +611,8 @@ def retry(
     config: ConfigOption = None,
 ) -> None:
     """Run a failed job again, or send a failed or dead delivery again now."""
-    from dicom_ai_node.store.deliveries import DeliveryQueue
-    from dicom_ai_node.store.jobs import JobQueue
+    from dicom_ai_node.delivery.queue import DeliveryQueue
+    from dicom_ai_node.inference.queue import JobQueue
 
     settings = load_config(config)
     engine = _engine(settings)
@@ -654,7 +654,7 @@ def cancel(
     config: ConfigOption = None,
 ) -> None:
     """Cancel a job that has not run (a running job finishes; its results can be left undelivered)."""
-    from dicom_ai_node.store.jobs import JobQueue
+    from dicom_ai_node.inference.queue import JobQueue
 
     kind, number = _parse_id(job_id if job_id[:1].isalpha() else f"J{job_id}")
     if kind != "job":
@@ -676,7 +676,7 @@ def resend(
     config: ConfigOption = None,
 ) -> None:
     """Send every result of a study to a destination again, even if it was delivered before."""
-    from dicom_ai_node.store.deliveries import DeliveryQueue, ResendRefused
+    from dicom_ai_node.delivery.queue import DeliveryQueue, ResendRefused
 
     settings = load_config(config)
     if to != "origin" and to not in settings.destinations:

@@ -11,18 +11,18 @@ import time
 from collections.abc import Callable
 
 from dicom_ai_node.config import Config
+from dicom_ai_node.delivery.queue import DeliveryQueue
 from dicom_ai_node.delivery.runner import DeliveryRunner
 from dicom_ai_node.errors import StartupError
+from dicom_ai_node.inference.queue import JobQueue
 from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
-from dicom_ai_node.routing.router import route_complete_series
-from dicom_ai_node.series.completion import complete_stable_series
+from dicom_ai_node.routing.router import Router
+from dicom_ai_node.series.completion import SeriesCompletion
 from dicom_ai_node.store.db import make_engine, require_current_schema
-from dicom_ai_node.store.deliveries import DeliveryQueue
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
-from dicom_ai_node.store.jobs import JobQueue
 from dicom_ai_node.store.reconcile import reconcile
 from dicom_ai_node.web.server import WebServer
 
@@ -38,6 +38,8 @@ class Node:
         self.engine = make_engine(config.database.url)
         require_current_schema(self.engine, config.source)
         self.index = Index(self.engine)
+        self.completion = SeriesCompletion(self.index)
+        self.router = Router(self.engine)
         self.store = InstanceStore(
             config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
         )
@@ -59,8 +61,10 @@ class Node:
     def advance(self) -> None:
         """One pass of the stages that follow receiving: completion, then routing."""
         if time.monotonic() >= self._completion_resumes:
-            complete_stable_series(self.index, self.config.series)
-        route_complete_series(self.queue, self.config.routes)
+            self.completion.complete_stable_series(
+                self.config.series.stable_seconds, self.config.series.refused_wait_seconds
+            )
+        self.router.route_complete_series(self.config.routes)
 
     def _advance_forever(self) -> None:
         interval = self.config.series.check_interval_seconds
@@ -171,7 +175,7 @@ class Node:
             )
 
     def _start_workers(self) -> None:
-        from dicom_ai_node.inference.worker import worker_main  # torch & co. load in the workers, not here
+        from dicom_ai_node.worker import worker_main  # torch & co. load in the workers, not here
 
         context = multiprocessing.get_context("spawn")
         for number in range(self.config.workers.processes):

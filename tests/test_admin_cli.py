@@ -31,8 +31,9 @@ from test_web import stow, web_settings
 from dicom_ai_node import demo
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store import db
-from dicom_ai_node.store.index import Index, InstanceHeader, Sender
+from dicom_ai_node.store.index import Index
 from dicom_ai_node.store.models import Delivery, Job, ResultObject, Series, Study, utcnow
+from dicom_ai_node.values import InstanceHeader, Sender
 
 ROOT = "1.2.826.0.1.3680043.8.498."
 

@@ -3,6 +3,7 @@ including a PACS that is down, a PACS that refuses SEG, and kill -9 at each stag
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import time
@@ -11,11 +12,15 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import update
 
-from conftest import PEER_ENV, dciodvfy_errors, dcmtk, free_port, storescu
+from conftest import PEER_ENV, NodeProcess, dciodvfy_errors, dcmtk, free_port, storescu
 from orthanc import orthanc_servers
 
+from dicom_ai_node.config import load_config
 from dicom_ai_node.phantoms import CTPhantom
+from dicom_ai_node.store.db import make_engine
+from dicom_ai_node.store.models import Job
 
 
 @pytest.fixture
@@ -238,3 +243,55 @@ def test_cancel_a_queued_job_and_retry_it(node_factory, tmp_path, database_url):
     assert node.json("jobs")[0]["state"] == "queued"
     wrong = node.cli("retry", "42", check=False)
     assert wrong.returncode == 2 and "J<id>" in wrong.stderr
+
+
+# --- routing decides once -----------------------------------------------------------------------
+
+
+def _route_one_job_then_rename_its_route(node_factory, tmp_path) -> NodeProcess:
+    """A job routed by route `ct` to `pacs`; then, the node stopped, the route is renamed and sends to `archive`."""
+    unreachable = {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    route = {"modality": "CT", "min_slices": 3, "models": ["ct-tissue"]}
+    node = node_factory(destinations={"pacs": unreachable, "archive": unreachable},
+                        routes=[{"name": "ct", **route, "destinations": ["pacs"]}])
+    node.start()
+    _, paths = _ct(tmp_path, slices=8)
+    assert storescu(node.port, *paths).returncode == 0
+    node.wait_for(lambda: node.json("jobs", "--state", "queued"), what="a queued job")
+    node.stop()
+    node.settings["routes"] = [{"name": "ct-renamed", **route, "destinations": ["archive"]}]
+    node.write_config()
+    return node
+
+
+def _run_the_job(node: NodeProcess) -> list[str]:
+    """Run the queued job in a worker with the node's config as it is now; the destinations of its deliveries."""
+    from dicom_ai_node.worker import Worker  # torch loads only in the tests that run a model
+
+    worker = Worker(load_config(node.config_path))
+    try:
+        assert worker.run_once() is not None
+    finally:
+        worker.engine.dispose()
+    (job,) = node.json("jobs")
+    assert job["state"] == "done", job
+    return sorted(row["destination"] for row in node.json("deliveries"))
+
+
+def test_results_go_where_routing_sent_them_though_the_route_was_renamed(node_factory, tmp_path):
+    """Routing decides once: the destinations are stored with the job, not looked up again by route name."""
+    node = _route_one_job_then_rename_its_route(node_factory, tmp_path)
+    assert _run_the_job(node) == ["pacs"]
+
+
+def test_a_job_queued_before_destinations_were_stored_looks_its_route_up(node_factory, tmp_path, caplog):
+    """Jobs queued before migration 0007 have no destinations: they take their route's by name, and say so
+    when the route is gone."""
+    node = _route_one_job_then_rename_its_route(node_factory, tmp_path)
+    engine = make_engine(node.database_url)
+    with engine.begin() as connection:
+        connection.execute(update(Job).values(destinations=None))
+    engine.dispose()
+    with caplog.at_level(logging.WARNING, logger="dicom_ai_node.worker"):
+        assert _run_the_job(node) == []
+    assert "its route 'ct' is no longer configured: its results are not delivered" in caplog.text

@@ -21,7 +21,6 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_ai_node.config import DestinationConfig
-from dicom_ai_node.delivery.outcome import Outcome
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.inference.builtin import BuiltinCTModel
 from dicom_ai_node.inference.segmentation import Segmentation
@@ -29,6 +28,7 @@ from dicom_ai_node.inference.volume import Volume, load_volume
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.sr import build_sr
+from dicom_ai_node.values import DeliveryOutcome
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
@@ -154,7 +154,7 @@ def destination(kind: str, orthanc: OrthancProcess, **overrides) -> DestinationC
     return DestinationConfig(**(settings | overrides))
 
 
-def send(config: DestinationConfig, files: list[Path]) -> Outcome:
+def send(config: DestinationConfig, files: list[Path]) -> DeliveryOutcome:
     return make_sender("test", config, "AI_NODE").send(files)
 
 

@@ -18,12 +18,12 @@ from orthanc import orthanc_servers
 from sqlalchemy import select, update
 
 from dicom_ai_node.config import DeliverySection, DestinationConfig
-from dicom_ai_node.delivery.outcome import Outcome
+from dicom_ai_node.delivery.queue import DeliveryQueue, _queue
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store.db import make_engine, upgrade
-from dicom_ai_node.store.deliveries import DeliveryQueue, _queue
 from dicom_ai_node.store.models import Delivery, Event, Instance, Job, Series, Study, utcnow
+from dicom_ai_node.values import DeliveryOutcome
 
 USER, PASSWORD, PASSWORD_ENV = "alice", "s3cret", "TEST_WINDOW_PACS_PASSWORD"
 
@@ -125,7 +125,7 @@ def _row(queue: DeliveryQueue, delivery_id: int):
 
 
 def test_give_up_is_time_based_capped_at_the_window_and_names_the_retry_command(engine, tmp_path):
-    down = Outcome(False, False, "cannot connect to PACS@127.0.0.1:104: connection refused")
+    down = DeliveryOutcome(False, False, "cannot connect to PACS@127.0.0.1:104: connection refused")
     queue = DeliveryQueue(engine, tmp_path, DeliverySection(give_up_after_hours=60 / 3600, initial_backoff_seconds=5,
                                                             max_backoff_seconds=600))
     with engine.begin() as connection:
@@ -162,7 +162,7 @@ def test_give_up_is_time_based_capped_at_the_window_and_names_the_retry_command(
     assert (row.state, row.attempts, row.failing_since) == ("pending", 0, None)
 
     # A permanent refusal is dead at once, also with the command.
-    refused = Outcome(False, True, "association rejected (permanent) by PACS: called AE title not recognised")
+    refused = DeliveryOutcome(False, True, "association rejected (permanent) by PACS: called AE title not recognised")
     assert queue.record(_claim(queue, delivery_id), refused).value == "dead"
     with engine.connect() as connection:
         messages = connection.execute(select(Event.message).where(Event.kind == "delivery-dead")
@@ -172,14 +172,15 @@ def test_give_up_is_time_based_capped_at_the_window_and_names_the_retry_command(
 
     # Delivered: the failure run is over.
     assert queue.retry(delivery_id)
-    assert queue.record(_claim(queue, delivery_id), Outcome(True, False, "1 object(s) stored")).value == "delivered"
+    delivered = DeliveryOutcome(True, False, "1 object(s) stored")
+    assert queue.record(_claim(queue, delivery_id), delivered).value == "delivered"
     assert _row(queue, delivery_id).failing_since is None
 
 
 def test_a_destination_back_makes_only_its_own_deliveries_due(engine, tmp_path):
     """`origin` is a different peer per sender: CT1 answering again resumes CT1's deliveries only."""
     queue = DeliveryQueue(engine, tmp_path, DeliverySection())
-    down = Outcome(False, False, "connection refused")
+    down = DeliveryOutcome(False, False, "connection refused")
     with engine.begin() as connection:
         for study, calling, destination in (("1.2.3.1", "CT1", "origin"), ("1.2.3.2", "CT2", "origin"),
                                             ("1.2.3.3", "CT1", "pacs"), ("1.2.3.4", "CT1", "other")):

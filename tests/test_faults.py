@@ -28,9 +28,10 @@ from dicom_ai_node.config import ConfigError, load_config
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store.db import make_engine, upgrade
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Index, InstanceHeader, Sender
+from dicom_ai_node.store.index import Index
 from dicom_ai_node.store.models import Instance, ResultObject
 from dicom_ai_node.store.reconcile import last_check, reconcile
+from dicom_ai_node.values import InstanceHeader, Sender
 
 MiB = 2**20
 
@@ -100,7 +101,7 @@ def _series(node: NodeProcess, phantom: CTPhantom) -> dict:
 
 def test_results_use_their_reserve_and_wait_for_disk_space(node_factory, tmp_path, monkeypatch):
     """Results may use the disk below min_free_mb; a job that still finds no room waits, then runs."""
-    from dicom_ai_node.inference.worker import Worker
+    from dicom_ai_node.worker import Worker
 
     phantom = CTPhantom(slices=24, rows=96, columns=96, pixel_spacing=(4.0, 4.0), slice_spacing=5.0)
     sent = _sources(phantom.write(tmp_path / "ct"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydicom.uid import CTImageStorage, ComprehensiveSRStorage, MRImageStorage, SegmentationStorage
 
 from dicom_ai_node.config import RouteConfig
-from dicom_ai_node.routing.rules import SeriesFacts, choose_route
+from dicom_ai_node.routing.rules import choose_route
+from dicom_ai_node.values import SeriesFacts
 
 ROUTES = [
     RouteConfig(name="ct-chest", modality="CT", body_part_examined="chest", series_description="lung|thorax",

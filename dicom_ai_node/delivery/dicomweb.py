@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from ..config import DicomwebDestination, HttpDestination
-from .outcome import Outcome
+from ..values import DeliveryOutcome as Outcome
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from ..config import DimseDestination
-from .outcome import Outcome
+from ..values import DeliveryOutcome as Outcome
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from orthanc_api_client import exceptions as orthanc_errors
 from requests.adapters import HTTPAdapter
 
 from ..config import OrthancDestination
+from ..values import DeliveryOutcome as Outcome
 from .dicomweb import CredentialsError, connection_problem, http_credentials, http_probe, transient_http_status
-from .outcome import Outcome
 
 log = logging.getLogger(__name__)
 

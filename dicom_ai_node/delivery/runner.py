@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 
 from dicom_ai_node.config import Config, DestinationConfig
-from dicom_ai_node.delivery.outcome import Outcome
+from dicom_ai_node.delivery.queue import ORIGIN, ClaimedDelivery, DeliveryQueue
 from dicom_ai_node.delivery.senders import make_sender
-from dicom_ai_node.store.deliveries import ORIGIN, ClaimedDelivery, DeliveryQueue
 from dicom_ai_node.store.models import DeliveryState
+from dicom_ai_node.values import DeliveryOutcome
 
 log = logging.getLogger(__name__)
 
@@ -107,31 +107,32 @@ class DeliveryRunner:
             except Exception:
                 log.exception("delivery dispatch failed; retrying")
 
-    def _resolve(self, stored: str, calling: str | None) -> _Target | Outcome:
+    def _resolve(self, stored: str, calling: str | None) -> _Target | DeliveryOutcome:
         if stored != ORIGIN:
             destination = self.config.destinations.get(stored)
             if destination is None:
-                return Outcome(False, True, f"destination {stored!r} is no longer in [destinations]")
+                return DeliveryOutcome(False, True, f"destination {stored!r} is no longer in [destinations]")
             return _Target(stored, destination, stored)
         peer_name = next((name for name, peer in self.config.peers.items() if peer.ae_title == calling), None)
         if peer_name is None:
-            return Outcome(False, True, f"origin: the sender's AE title {calling!r} is not a configured peer")
+            return DeliveryOutcome(False, True, f"origin: the sender's AE title {calling!r} is not a configured peer")
         peer = self.config.peers[peer_name]
         destination = DestinationConfig(kind="dimse", ae_title=peer.ae_title, host=peer.host, port=peer.port)
         return _Target(f"origin ({peer_name})", destination, ORIGIN, calling)
 
     def _deliver(self, delivery: ClaimedDelivery) -> None:
         target = self._resolve(delivery.destination, delivery.calling_ae_title)
-        if isinstance(target, Outcome):
+        if isinstance(target, DeliveryOutcome):
             outcome = target
         elif not delivery.files:  # never report "delivered 0 object(s)": the result files are gone
-            outcome = Outcome(False, True, "no result objects on file to send (purged, or kept by an earlier job with the same results)")
+            outcome = DeliveryOutcome(False, True, "no result objects on file to send (purged, or kept by an earlier "
+                                                   "job with the same results)")
         else:
             try:
                 outcome = make_sender(target.name, target.destination, self.config.node.ae_title).send(delivery.files)
             except Exception as exc:  # a sender bug must not leave the delivery `sending` forever
                 log.exception("delivery %d to %s crashed", delivery.id, target.name)
-                outcome = Outcome(False, False, f"{type(exc).__name__}: {exc}")
+                outcome = DeliveryOutcome(False, False, f"{type(exc).__name__}: {exc}")
         state = self.queue.record(delivery, outcome)
         log.log(
             logging.INFO if outcome.delivered else logging.WARNING,

@@ -36,13 +36,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from dicom_ai_node.config import Config, SourceConfig
 from dicom_ai_node.ingest.parse import split_part10
 from dicom_ai_node.ingest.receive import OUT_OF_RESOURCES, PROCESSING_FAILURE, Receiver
-from dicom_ai_node.routing.rules import SeriesFacts, choose_route
-from dicom_ai_node.store.index import Sender
+from dicom_ai_node.routing.rules import choose_route
 from dicom_ai_node.store.models import SourceCursor, utcnow
+from dicom_ai_node.values import Sender, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-# What the inference worker writes into its SEG and SR (inference.worker.MANUFACTURER, which
+# What the inference worker writes into its SEG and SR (dicom_ai_node.worker.MANUFACTURER, which
 # cannot be imported here: that module loads torch, and the receiving process must not).
 NODE_MANUFACTURER = "dicom-ai-node"
 _SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})

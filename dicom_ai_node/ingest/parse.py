@@ -22,7 +22,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_ai_node.store.files import InvalidUID, validate_uid
-from dicom_ai_node.store.index import InstanceHeader
+from dicom_ai_node.values import InstanceHeader
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = Tag(0x7FE0, 0x0010)

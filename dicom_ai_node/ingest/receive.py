@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from dicom_ai_node.ingest.parse import DEFAULT_MAX_INFLATED_BYTES, RejectedDataset, parse_header
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Index, InstanceHeader, Outcome, Sender
+from dicom_ai_node.store.index import Index
+from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Received:
     status: int  # a C-STORE status: 0x0000 or a failure
     reason: str  # empty on success
     header: InstanceHeader | None
-    outcome: Outcome | None  # NEW, DUPLICATE or LATE when stored
+    outcome: IngestOutcome | None  # NEW, DUPLICATE or LATE when stored
     size: int = 0
 
     @property
@@ -122,7 +123,7 @@ class Receiver:
             self.store.check_space(len(data))
         except DiskFull as exc:
             if self._already_stored(header, relative):  # a re-send needs no space
-                return Received(SUCCESS, "", header, Outcome.DUPLICATE)
+                return Received(SUCCESS, "", header, IngestOutcome.DUPLICATE)
             return self._refuse(OUT_OF_RESOURCES, exc.strerror or str(exc), sender, header)
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, f"cannot write the instance: {exc}", sender, header)
@@ -135,18 +136,18 @@ class Receiver:
             return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
         try:
             placed = writing.result()
-            if not placed and outcome is not Outcome.DUPLICATE:
+            if not placed and outcome is not IngestOutcome.DUPLICATE:
                 # A file no row described (left by a crash or a failed index): never acknowledged,
                 # so the copy the new row describes takes its place.
                 self.store.write_instance(relative, data)
         except OSError as exc:
-            if outcome is Outcome.DUPLICATE and self.store.absolute(relative).exists():
+            if outcome is IngestOutcome.DUPLICATE and self.store.absolute(relative).exists():
                 return Received(SUCCESS, "", header, outcome)  # the first copy is whole and indexed
-            if outcome is not Outcome.DUPLICATE:
+            if outcome is not IngestOutcome.DUPLICATE:
                 self.index.forget_instance(header.sop_instance_uid)
             reason = exc.strerror if isinstance(exc, DiskFull) else f"cannot write the instance: {exc}"
             return self._refuse(OUT_OF_RESOURCES, reason or str(exc), sender, header)
-        if outcome is Outcome.DUPLICATE:
+        if outcome is IngestOutcome.DUPLICATE:
             if placed:  # the row's file was missing, or the copy names another study or series
                 self._settle_duplicate(header, sender, relative, len(data))
             log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)

@@ -30,8 +30,9 @@ from dicom_ai_node.ingest.policy import AssociationPolicy, Rejection, certificat
 from dicom_ai_node.ingest.receive import SUCCESS, Receiver
 from dicom_ai_node.ingest.transport import GuardedServer, bind_acceptor, serve_acceptor
 from dicom_ai_node.store.files import InstanceStore
-from dicom_ai_node.store.index import Arrivals, Index, Outcome, Sender
+from dicom_ai_node.store.index import Arrivals, Index
 from dicom_ai_node.tls import apply_bcp195
+from dicom_ai_node.values import IngestOutcome, Sender
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ class StorageSCP:
         if not received.ok:
             return _status(received.status, received.reason)
         assert received.header is not None  # stored: its header was read
-        duplicate = received.outcome is Outcome.DUPLICATE
+        duplicate = received.outcome is IngestOutcome.DUPLICATE
         tally.arrivals.count(received.header.study_instance_uid, received.header.series_instance_uid, duplicate)
         if duplicate:
             tally.duplicates += 1

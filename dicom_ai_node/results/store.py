@@ -7,7 +7,7 @@ from io import BytesIO
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.store.files import InstanceStore
-from dicom_ai_node.store.jobs import StoredResult
+from dicom_ai_node.values import StoredResult
 
 
 def store_result(store: InstanceStore, kind: str, dataset: Dataset) -> StoredResult:

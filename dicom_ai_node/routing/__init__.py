@@ -1,1 +1,1 @@
-"""Routing: which models (and, later, destinations) a complete series goes to."""
+"""Routing: which models a complete series goes to, and where their results go."""

@@ -7,9 +7,9 @@ route by route, the first condition that failed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from dicom_ai_node.config import RouteConfig
+from dicom_ai_node.values import RouteDecision, SeriesFacts
 
 # Objects that are never images for a model, even when they carry Rows/Columns.
 _NON_IMAGE_PREFIXES = (
@@ -24,27 +24,6 @@ _NON_IMAGE_PREFIXES = (
 
 def is_non_image(sop_class_uid: str) -> bool:
     return sop_class_uid.startswith(_NON_IMAGE_PREFIXES)
-
-
-@dataclass(frozen=True)
-class SeriesFacts:
-    """What the router knows about a complete series, from the index."""
-
-    series_instance_uid: str
-    modality: str | None
-    body_part_examined: str | None
-    series_description: str | None
-    sop_class_uids: frozenset[str]
-    image_types: frozenset[str]
-    instances: int
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    route: str | None
-    models: tuple[str, ...]
-    destinations: tuple[str, ...]
-    reason: str
 
 
 def _mismatch(route: RouteConfig, facts: SeriesFacts) -> str | None:

@@ -9,23 +9,183 @@ series waits for their re-send (up to `series.refused_wait_seconds`).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
-from dicom_ai_node.config import SeriesSection
-from dicom_ai_node.store.index import CompletedSeries, Index
+from sqlalchemy import Engine, Row, exists, func, select, update
+
+from dicom_ai_node.store.index import Index, insert_event
+from dicom_ai_node.store.models import Instance, RefusedInstance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.values import CompletedSeries
 
 log = logging.getLogger(__name__)
 
+_studies = Study.__table__
+_series = Series.__table__
+_instances = Instance.__table__
+_refused = RefusedInstance.__table__
 
-def complete_stable_series(index: Index, settings: SeriesSection) -> list[CompletedSeries]:
-    completed = index.complete_stable_series(settings.stable_seconds, settings.refused_wait_seconds)
-    for series in completed:
-        log.info(
-            "series %s of study %s complete: %d instance(s) (%s)%s",
-            series.series_instance_uid,
-            series.study_instance_uid,
-            series.instances,
-            series.modality or "?",
-            ", re-processing requested" if series.reprocess else "",
+
+class SeriesCompletion:
+    """Every change of a series from `receiving` to `complete`, and the wait for refused instances before it.
+
+    Writes take turns with ingest's through the index's write transaction (SQLite has one writer).
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def complete_stable_series(self, stable_seconds: float, refused_wait_seconds: float) -> list[CompletedSeries]:
+        """Mark every series with no new instance for `stable_seconds` as complete.
+
+        The state lives only in the database, so after a restart the same call
+        completes series whose last instance arrived before the restart.  A
+        series with instances refused for a transient reason (Out of Resources,
+        Processing Failure) waits for the sender to send them again: it is not
+        processed with slices missing.  If they do not come within
+        `refused_wait_seconds` of the last refusal, it completes with what it
+        has, and says so.
+        """
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=stable_seconds)
+        counts = (
+            select(func.count())
+            .where(_instances.c.series_id == _series.c.id)
+            .scalar_subquery()
+            .label("instances")
         )
-    return completed
+        with self.index.engine.connect() as connection:
+            candidates = connection.execute(
+                select(
+                    _series.c.id,
+                    _series.c.series_instance_uid,
+                    _series.c.modality,
+                    _series.c.state_reason,
+                    _series.c.reprocess_requested,
+                    _series.c.late_instances,
+                    _studies.c.study_instance_uid,
+                    counts,
+                )
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
+            ).all()
+        refusals = self._outstanding_refusals({row.series_instance_uid for row in candidates}) if candidates else {}
+        give_up = now - dt.timedelta(seconds=refused_wait_seconds)
+        completed = []
+        for row in candidates:
+            refused = refusals.get(row.series_instance_uid)
+            if refused is not None and refused.last_refused_at >= give_up:
+                self._wait_for_refused(row, refused.count, stable_seconds)
+                continue
+            missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
+            with self.index.write_transaction() as connection:
+                changed = connection.execute(
+                    update(_series)
+                    .where(
+                        _series.c.id == row.id,
+                        _series.c.state == SeriesState.RECEIVING.value,
+                        _series.c.last_received_at < cutoff,
+                    )
+                    .values(
+                        state=SeriesState.COMPLETE.value,
+                        state_reason=f"incomplete: {missing}" if missing else None,
+                        completed_at=now,
+                    )
+                ).rowcount
+                if not changed:  # an instance arrived meanwhile
+                    continue
+                uids = {"study_instance_uid": row.study_instance_uid, "series_instance_uid": row.series_instance_uid}
+                if missing:  # given up: the event keeps the count
+                    of_series = _refused.c.series_instance_uid == row.series_instance_uid
+                    connection.execute(_refused.delete().where(of_series))
+                    insert_event(
+                        connection,
+                        "series-incomplete",
+                        f"{missing} within series.refused_wait_seconds = {refused_wait_seconds:g} s: the series "
+                        f"completes with the {row.instances} instance(s) it has",
+                        "warning",
+                        **uids,
+                    )
+                note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
+                insert_event(
+                    connection,
+                    "complete",
+                    f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
+                    **uids,
+                )
+            log.info(
+                "series %s of study %s complete: %d instance(s) (%s)%s",
+                row.series_instance_uid,
+                row.study_instance_uid,
+                row.instances,
+                row.modality or "?",
+                ", re-processing requested" if row.reprocess_requested else "",
+            )
+            completed.append(
+                CompletedSeries(
+                    row.series_instance_uid, row.study_instance_uid, row.modality, row.instances, row.reprocess_requested
+                )
+            )
+        return completed
+
+    def _outstanding_refusals(self, series_uids: set[str]) -> dict[str, Row]:
+        """Series UID -> (count, last_refused_at) of its refused instances not stored since.
+
+        Refusals are settled here, off the receive path: one that has been stored
+        since is dropped.  The table is empty unless something was refused.
+        """
+        with self.index.engine.connect() as connection:
+            held = series_uids & set(connection.execute(select(_refused.c.series_instance_uid).distinct()).scalars())
+            if not held:
+                return {}
+            of_held = _refused.c.series_instance_uid.in_(held)
+            stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
+            settled = connection.execute(select(func.count()).select_from(_refused).where(of_held, stored)).scalar_one()
+        with self.index.write_transaction() as connection:
+            if settled:
+                connection.execute(_refused.delete().where(of_held, stored))
+            rows = connection.execute(
+                select(
+                    _refused.c.series_instance_uid,
+                    func.count().label("count"),
+                    func.max(_refused.c.refused_at).label("last_refused_at"),
+                )
+                .where(of_held)
+                .group_by(_refused.c.series_instance_uid)
+            ).all()
+        return {row.series_instance_uid: row for row in rows}
+
+    def _wait_for_refused(self, series: Row, count: int, stable_seconds: float) -> None:
+        """Say (once per change) why a quiet series is not complete yet."""
+        reason = f"waiting for {count} refused instance(s) to be re-sent"
+        if series.state_reason == reason:
+            return
+        with self.index.write_transaction() as connection:
+            connection.execute(
+                update(_series)
+                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
+                .values(state_reason=reason)
+            )
+            insert_event(
+                connection,
+                "series-waiting",
+                f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
+                "a processing failure) and not sent again; it completes once they arrive, or without them after "
+                "series.refused_wait_seconds",
+                "warning",
+                study_instance_uid=series.study_instance_uid,
+                series_instance_uid=series.series_instance_uid,
+            )
+
+
+def refused_waiting(engine: Engine) -> tuple[int, int]:
+    """(instances, series): refused instances not stored since, of series still receiving."""
+    stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
+    receiving = select(_series.c.series_instance_uid).where(_series.c.state == SeriesState.RECEIVING.value)
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(func.count(), func.count(func.distinct(_refused.c.series_instance_uid))).where(
+                ~stored, _refused.c.series_instance_uid.in_(receiving)
+            )
+        ).one()
+    return row[0], row[1]

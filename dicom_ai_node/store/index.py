@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import enum
 import threading
-from dataclasses import dataclass
 from typing import Iterator
 
-from sqlalchemy import Connection, Engine, Row, bindparam, exists, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_ai_node.store.models import Event, Instance, RefusedInstance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 
 _studies = Study.__table__
 _series = Series.__table__
@@ -26,61 +25,7 @@ _instances = Instance.__table__
 _events = Event.__table__
 _refused = RefusedInstance.__table__
 
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The header fields ingest extracts from a dataset for the index and the router."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    patient_id: str | None = None
-    patient_name: str | None = None
-    accession_number: str | None = None
-    study_date: str | None = None
-    study_time: str | None = None
-    study_description: str | None = None
-    modality: str | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    series_number: int | None = None
-    instance_number: int | None = None
-    image_type: str | None = None
-    rows: int | None = None
-    columns: int | None = None
-    number_of_frames: int | None = None
-
-
-@dataclass(frozen=True)
-class Sender:
-    """Who sent an instance, and by which way in."""
-
-    ae_title: str | None
-    host: str | None
-    source: str = "dimse"
-
-    def __str__(self) -> str:
-        return f"{self.ae_title or '?'}@{self.host or '?'} ({self.source})"
-
-
 _SERIES_CACHE_SIZE = 10_000
-
-
-class Outcome(enum.Enum):
-    NEW = "new"
-    DUPLICATE = "duplicate"  # same SOP Instance UID already stored: first copy kept
-    LATE = "late"  # new instance for a series that had completed: re-opened for re-processing
-
-
-@dataclass(frozen=True)
-class CompletedSeries:
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str | None
-    instances: int
-    reprocess: bool
 
 
 class Arrivals:
@@ -158,7 +103,8 @@ class Index:
         )
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write_transaction(self) -> Iterator[Connection]:
+        """A write transaction that takes turns with ingest's writes (SQLite has one writer)."""
         with self._write_lock, self.engine.begin() as connection:
             yield connection
 
@@ -172,11 +118,11 @@ class Index:
 
     def forget_instance(self, sop_instance_uid: str) -> None:
         """Undo `record_instance` for an instance whose file could not be written."""
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             connection.execute(_instances.delete().where(_instances.c.sop_instance_uid == sop_instance_uid))
 
     def record_duplicate(self, series_id: int) -> None:
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             _count_duplicate(connection, series_id)
 
     def describe_copy(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> bool:
@@ -184,7 +130,7 @@ class Index:
 
         False if the row's file is elsewhere (the copy names another study or series): nothing changed.
         """
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             changed = connection.execute(
                 update(_instances)
                 .where(_instances.c.sop_instance_uid == header.sop_instance_uid, _instances.c.file_path == file_path)
@@ -212,7 +158,7 @@ class Index:
             "calling_ae_title": sender.ae_title,
             "refused_at": utcnow(),
         }
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             connection.execute(
                 self._insert(_refused)
                 .values(sop_instance_uid=header.sop_instance_uid, **values)
@@ -220,9 +166,9 @@ class Index:
             )
             self._event(connection, "store-failed", message, header, sender, level="error")
 
-    def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> Outcome:
+    def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> IngestOutcome:
         now = utcnow()
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             series_id, created = self._series_row(connection, header, now)
             inserted = connection.execute(
                 self._add_instance,
@@ -235,7 +181,7 @@ class Index:
             ).first()
             if inserted is None:  # stored before, or by a concurrent association just now
                 _count_duplicate(connection, series_id)
-                return Outcome.DUPLICATE
+                return IngestOutcome.DUPLICATE
             if created:
                 self._event(
                     connection,
@@ -246,7 +192,7 @@ class Index:
                     sender,
                 )
             if connection.execute(self._touch_receiving_series, {"series_id": series_id, "now": now}).rowcount:
-                return Outcome.NEW
+                return IngestOutcome.NEW
             state = connection.execute(select(_series.c.state).where(_series.c.id == series_id)).scalar_one()
             connection.execute(
                 update(_series)
@@ -268,7 +214,7 @@ class Index:
                 sender,
                 level="warning",
             )
-            return Outcome.LATE
+            return IngestOutcome.LATE
 
     def _series_row(self, connection: Connection, header: InstanceHeader, now: dt.datetime) -> tuple[int, bool]:
         """(series id, whether this call created it).
@@ -332,7 +278,7 @@ class Index:
 
     def record_resent(self, sender: Sender, series: list[tuple[str, str, int]]) -> None:
         """A `resent` event for each (study UID, series UID, instances) a sender sent again with nothing new."""
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             for study_instance_uid, series_instance_uid, count in series:
                 insert_event(
                     connection,
@@ -355,7 +301,7 @@ class Index:
         sop_instance_uid: str | None = None,
         calling_ae_title: str | None = None,
     ) -> None:
-        with self._write() as connection:
+        with self.write_transaction() as connection:
             insert_event(
                 connection,
                 kind,
@@ -391,150 +337,3 @@ class Index:
                 .where(_series.c.state == SeriesState.RECEIVING.value)
             ).all()
         return [(row.study_instance_uid, row.series_instance_uid) for row in rows]
-
-    def complete_stable_series(self, stable_seconds: float, refused_wait_seconds: float) -> list[CompletedSeries]:
-        """Mark every series with no new instance for `stable_seconds` as complete.
-
-        The state lives only in the database, so after a restart the same call
-        completes series whose last instance arrived before the restart.  A
-        series with instances refused for a transient reason (Out of Resources,
-        Processing Failure) waits for the sender to send them again: it is not
-        processed with slices missing.  If they do not come within
-        `refused_wait_seconds` of the last refusal, it completes with what it
-        has, and says so.
-        """
-        now = utcnow()
-        cutoff = now - dt.timedelta(seconds=stable_seconds)
-        counts = (
-            select(func.count())
-            .where(_instances.c.series_id == _series.c.id)
-            .scalar_subquery()
-            .label("instances")
-        )
-        with self.engine.connect() as connection:
-            candidates = connection.execute(
-                select(
-                    _series.c.id,
-                    _series.c.series_instance_uid,
-                    _series.c.modality,
-                    _series.c.state_reason,
-                    _series.c.reprocess_requested,
-                    _series.c.late_instances,
-                    _studies.c.study_instance_uid,
-                    counts,
-                )
-                .join(_studies, _studies.c.id == _series.c.study_id)
-                .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
-            ).all()
-        refusals = self._outstanding_refusals({row.series_instance_uid for row in candidates}) if candidates else {}
-        give_up = now - dt.timedelta(seconds=refused_wait_seconds)
-        completed = []
-        for row in candidates:
-            refused = refusals.get(row.series_instance_uid)
-            if refused is not None and refused.last_refused_at >= give_up:
-                self._wait_for_refused(row, refused.count, stable_seconds)
-                continue
-            missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
-            with self._write() as connection:
-                changed = connection.execute(
-                    update(_series)
-                    .where(
-                        _series.c.id == row.id,
-                        _series.c.state == SeriesState.RECEIVING.value,
-                        _series.c.last_received_at < cutoff,
-                    )
-                    .values(
-                        state=SeriesState.COMPLETE.value,
-                        state_reason=f"incomplete: {missing}" if missing else None,
-                        completed_at=now,
-                    )
-                ).rowcount
-                if not changed:  # an instance arrived meanwhile
-                    continue
-                uids = {"study_instance_uid": row.study_instance_uid, "series_instance_uid": row.series_instance_uid}
-                if missing:  # given up: the event keeps the count
-                    of_series = _refused.c.series_instance_uid == row.series_instance_uid
-                    connection.execute(_refused.delete().where(of_series))
-                    insert_event(
-                        connection,
-                        "series-incomplete",
-                        f"{missing} within series.refused_wait_seconds = {refused_wait_seconds:g} s: the series "
-                        f"completes with the {row.instances} instance(s) it has",
-                        "warning",
-                        **uids,
-                    )
-                note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
-                insert_event(
-                    connection,
-                    "complete",
-                    f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
-                    **uids,
-                )
-            completed.append(
-                CompletedSeries(
-                    row.series_instance_uid, row.study_instance_uid, row.modality, row.instances, row.reprocess_requested
-                )
-            )
-        return completed
-
-    def _outstanding_refusals(self, series_uids: set[str]) -> dict[str, Row]:
-        """Series UID -> (count, last_refused_at) of its refused instances not stored since.
-
-        Refusals are settled here, off the receive path: one that has been stored
-        since is dropped.  The table is empty unless something was refused.
-        """
-        with self.engine.connect() as connection:
-            held = series_uids & set(connection.execute(select(_refused.c.series_instance_uid).distinct()).scalars())
-            if not held:
-                return {}
-            of_held = _refused.c.series_instance_uid.in_(held)
-            stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
-            settled = connection.execute(select(func.count()).select_from(_refused).where(of_held, stored)).scalar_one()
-        with self._write() as connection:
-            if settled:
-                connection.execute(_refused.delete().where(of_held, stored))
-            rows = connection.execute(
-                select(
-                    _refused.c.series_instance_uid,
-                    func.count().label("count"),
-                    func.max(_refused.c.refused_at).label("last_refused_at"),
-                )
-                .where(of_held)
-                .group_by(_refused.c.series_instance_uid)
-            ).all()
-        return {row.series_instance_uid: row for row in rows}
-
-    def _wait_for_refused(self, series: Row, count: int, stable_seconds: float) -> None:
-        """Say (once per change) why a quiet series is not complete yet."""
-        reason = f"waiting for {count} refused instance(s) to be re-sent"
-        if series.state_reason == reason:
-            return
-        with self._write() as connection:
-            connection.execute(
-                update(_series)
-                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
-                .values(state_reason=reason)
-            )
-            insert_event(
-                connection,
-                "series-waiting",
-                f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
-                "a processing failure) and not sent again; it completes once they arrive, or without them after "
-                "series.refused_wait_seconds",
-                "warning",
-                study_instance_uid=series.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-            )
-
-
-def refused_waiting(engine: Engine) -> tuple[int, int]:
-    """(instances, series): refused instances not stored since, of series still receiving."""
-    stored = exists().where(_instances.c.sop_instance_uid == _refused.c.sop_instance_uid)
-    receiving = select(_series.c.series_instance_uid).where(_series.c.state == SeriesState.RECEIVING.value)
-    with engine.connect() as connection:
-        row = connection.execute(
-            select(func.count(), func.count(func.distinct(_refused.c.series_instance_uid))).where(
-                ~stored, _refused.c.series_instance_uid.in_(receiving)
-            )
-        ).one()
-    return row[0], row[1]

@@ -11,7 +11,19 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -125,7 +137,7 @@ class RefusedInstance(Base):
     """An instance refused with a transient status (Out of Resources, Processing Failure).
 
     The sender still holds it and is expected to send it again; until then its
-    series does not complete (see `Index.complete_stable_series`).  Keyed by
+    series does not complete (see `SeriesCompletion` in series/completion.py).  Keyed by
     UIDs, not by foreign keys: the refused instance may be the first of its series.
     The row goes once the instance is stored, or when its series gives up waiting.
     """
@@ -179,6 +191,9 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # Where the results go, decided once when the series was routed: renaming or removing the route later
+    # changes nothing.  NULL for jobs queued before 0007: they use their route's destinations at finish.
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # Longer than any single instance takes to write, even a multi-GB one on a slow disk.
 WINDOW = dt.timedelta(hours=1)
 EVENT_KIND = "start-up-check"
-_WORKERS_FOLDER = ".workers"  # see inference/worker.py: worker_status_folder
+_WORKERS_FOLDER = ".workers"  # see worker.py: worker_status_folder
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 

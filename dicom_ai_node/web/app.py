@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dicom_ai_node.config import Config, WebSection
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
-from dicom_ai_node.store.index import Index, Sender
+from dicom_ai_node.store.index import Index
+from dicom_ai_node.values import Sender
 from dicom_ai_node.web.dicom_json import DICOM_JSON
 from dicom_ai_node.web.metrics import DicomRefusals, Metrics
 from dicom_ai_node.web.multipart import MultipartError, parse_multipart

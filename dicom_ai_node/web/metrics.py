@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from dicom_ai_node.store.index import Sender
 from dicom_ai_node.store.models import Delivery, DeliveryState, Instance, Job, JobState, Series, SeriesState
+from dicom_ai_node.values import Sender
 
 _WAITING = (DeliveryState.PENDING.value, DeliveryState.FAILED.value)
 JOB_SECONDS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)

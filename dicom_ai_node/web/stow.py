@@ -18,7 +18,8 @@ from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SO
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.index import Arrivals, Index, Outcome, Sender
+from dicom_ai_node.store.index import Arrivals, Index
+from dicom_ai_node.values import IngestOutcome, Sender
 from dicom_ai_node.web.dicom_json import DICOM_JSON, dicom_json, tag
 from dicom_ai_node.web.metrics import Metrics
 from dicom_ai_node.web.multipart import BLOCK_BYTES, PART_HEAD_BYTES, Part, parse_media_type, read_range
@@ -125,7 +126,7 @@ class Stow:
             header.sop_class_uid,
             header.sop_instance_uid,
             size=received.size,
-            duplicate=received.outcome is Outcome.DUPLICATE,
+            duplicate=received.outcome is IngestOutcome.DUPLICATE,
             series_uid=header.series_instance_uid,
             study_uid=header.study_instance_uid,
         )

@@ -1,5 +1,8 @@
 """The worker: claims jobs, builds the volume, runs the model, stores SEG and SR.
 
+Like node.py it wires stages together (inference, then results), so it sits beside it,
+above both: the results stage builds on inference's volumes and segmentations.
+
 Runs in its own process (started by `serve`, or alone with `dicom-ai-node worker`),
 so a long inference never slows the DICOM receiver.  A job that cannot succeed
 ends `skipped` (the series cannot form a volume for this model) or `failed`
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import Config, load_config
+from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
 from dicom_ai_node.inference.registry import Model, ModelRegistry, ModelUnavailable
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
@@ -30,8 +34,8 @@ from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
 from dicom_ai_node.store.db import make_engine
 from dicom_ai_node.store.files import DiskFull, InstanceStore
-from dicom_ai_node.store.jobs import ClaimedJob, JobQueue, StageTimes, StoredResult
 from dicom_ai_node.store.models import JobState
+from dicom_ai_node.values import StageTimes, StoredResult
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +93,26 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
-        route = next((r for r in self.config.routes if r.name == job.route), None)
-        destinations = list(route.destinations) if route else []
-        self.queue.finish(job, results, StageTimes(**times), device, model.version, destinations)
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, self._destinations(job))
         log.info(
             "job %d (%s) done: load %.2f s, inference %.2f s, write %.2f s",
             job.id, job.model, times["load"], times["inference"], times["write"],
         )
+
+    def _destinations(self, job: ClaimedJob) -> list[str]:
+        """Where the job's results go: as decided when its series was routed.
+
+        A job queued before jobs stored their destinations has none: it takes its route's current ones.
+        """
+        if job.destinations is not None:
+            return list(job.destinations)
+        route = next((r for r in self.config.routes if r.name == job.route), None)
+        if route is None:
+            log.warning("job %d (%s) was queued before jobs stored their destinations, and its route %r is no "
+                        "longer configured: its results are not delivered (send them with: dicom-ai-node resend %s "
+                        "--to DESTINATION)", job.id, job.model, job.route, job.study_instance_uid)
+            return []
+        return list(route.destinations)
 
     def _write_results(
         self, job: ClaimedJob, volume: Volume, segmentation: Segmentation, model: Model

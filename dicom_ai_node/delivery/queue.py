@@ -20,7 +20,6 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, exists, func, select, update
 
 from dicom_ai_node.config import DeliverySection
-from dicom_ai_node.delivery.outcome import Outcome
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
     Delivery,
@@ -34,6 +33,7 @@ from dicom_ai_node.store.models import (
     Study,
     utcnow,
 )
+from dicom_ai_node.values import DeliveryOutcome
 
 _deliveries = Delivery.__table__
 
@@ -179,7 +179,7 @@ class DeliveryQueue:
             failing_since=row.failing_since,
         )
 
-    def record(self, delivery: ClaimedDelivery, outcome: Outcome) -> DeliveryState:
+    def record(self, delivery: ClaimedDelivery, outcome: DeliveryOutcome) -> DeliveryState:
         now = utcnow()
         failing_since = None if outcome.delivered else delivery.failing_since or now
         give_up_at = (failing_since or now) + dt.timedelta(hours=self.settings.give_up_after_hours)

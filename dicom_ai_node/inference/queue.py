@@ -1,4 +1,4 @@
-"""The job queue in SQL: routing writes jobs, workers claim and finish them.
+"""The job queue in SQL: routing queues jobs (routing/router.py); every later change of a job's state is here.
 
 Workers are separate processes (possibly on other hosts against PostgreSQL), so
 a job is claimed with one conditional UPDATE: whoever flips it from `queued`
@@ -14,13 +14,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, or_, select, update
 
-from dicom_ai_node.routing.rules import RouteDecision, SeriesFacts
-from dicom_ai_node.store.deliveries import create_for_job
+from dicom_ai_node.delivery.queue import create_for_job
 from dicom_ai_node.store.index import insert_event
-from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, Study, utcnow
+from dicom_ai_node.values import StageTimes, StoredResult
 
 _jobs = Job.__table__
-_series = Series.__table__
 
 
 @dataclass(frozen=True)
@@ -32,108 +31,13 @@ class ClaimedJob:
     study_instance_uid: str
     series_number: int | None
     paths: list[Path]
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    kind: str  # SEG | SR
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    file_path: str
-    file_size: int
-
-
-@dataclass(frozen=True)
-class StageTimes:
-    load: float | None = None
-    inference: float | None = None
-    write: float | None = None
+    destinations: tuple[str, ...] | None  # decided at routing; None for jobs queued before they were stored
 
 
 class JobQueue:
     def __init__(self, engine: Engine, storage_root: Path) -> None:
         self.engine = engine
         self.storage_root = storage_root
-
-    # Routing side -------------------------------------------------------------------------
-
-    def complete_series_facts(self) -> list[tuple[int, str, SeriesFacts]]:
-        """(series id, study UID, facts) of every series waiting to be routed."""
-        with self.engine.connect() as connection:
-            rows = connection.execute(
-                select(Series.id, Series.series_instance_uid, Series.modality, Series.body_part_examined,
-                       Series.series_description, Study.study_instance_uid)
-                .join(Study, Study.id == Series.study_id)
-                .where(Series.state == SeriesState.COMPLETE.value)
-                .order_by(Series.completed_at)
-            ).all()
-            facts = []
-            for row in rows:
-                instances = connection.execute(
-                    select(Instance.sop_class_uid, Instance.image_type).where(Instance.series_id == row.id)
-                ).all()
-                facts.append(
-                    (
-                        row.id,
-                        row.study_instance_uid,
-                        SeriesFacts(
-                            series_instance_uid=row.series_instance_uid,
-                            modality=row.modality,
-                            body_part_examined=row.body_part_examined,
-                            series_description=row.series_description,
-                            sop_class_uids=frozenset(i.sop_class_uid for i in instances),
-                            image_types=frozenset(i.image_type for i in instances if i.image_type),
-                            instances=len(instances),
-                        ),
-                    )
-                )
-        return facts
-
-    def apply_route(self, series_id: int, study_uid: str, facts: SeriesFacts, decision: RouteDecision) -> bool:
-        """Queue the decision's jobs (or mark not-routed); False if the series changed meanwhile."""
-        now = utcnow()
-        state = SeriesState.ROUTED if decision.models else SeriesState.NOT_ROUTED
-        with self.engine.begin() as connection:
-            changed = connection.execute(
-                update(_series)
-                .where(_series.c.id == series_id, _series.c.state == SeriesState.COMPLETE.value)
-                .values(
-                    state=state.value,
-                    state_reason=None if decision.models else decision.reason,
-                    reprocess_requested=False,
-                )
-            ).rowcount
-            if not changed:
-                return False
-            for model in decision.models:
-                connection.execute(
-                    _jobs.insert().values(
-                        series_id=series_id,
-                        route=decision.route,
-                        model=model,
-                        state=JobState.QUEUED.value,
-                        attempts=0,
-                        created_at=now,
-                    )
-                )
-            message = (
-                f"{decision.reason}: queued for {', '.join(decision.models)}"
-                if decision.models
-                else f"not routed: {decision.reason}"
-            )
-            insert_event(
-                connection,
-                "routed" if decision.models else "not-routed",
-                message,
-                level="info" if decision.models else "warning",
-                study_instance_uid=study_uid,
-                series_instance_uid=facts.series_instance_uid,
-            )
-        return True
-
-    # Worker side --------------------------------------------------------------------------
 
     def requeue_interrupted(self) -> int:
         """Jobs left `running` by a node that stopped are queued again (results have derived UIDs)."""
@@ -173,8 +77,8 @@ class JobQueue:
             if job_id is None:
                 return None
             row = connection.execute(
-                select(Job.model, Job.route, Series.id, Series.series_instance_uid, Series.series_number,
-                       Study.study_instance_uid)
+                select(Job.model, Job.route, Job.destinations, Series.id, Series.series_instance_uid,
+                       Series.series_number, Study.study_instance_uid)
                 .join(Series, Series.id == Job.series_id)
                 .join(Study, Study.id == Series.study_id)
                 .where(Job.id == job_id)
@@ -190,6 +94,7 @@ class JobQueue:
                 study_instance_uid=row.study_instance_uid,
                 series_number=row.series_number,
                 paths=[self.storage_root / path for path in paths],
+                destinations=None if row.destinations is None else tuple(row.destinations),
             )
 
     def finish(
