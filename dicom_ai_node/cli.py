@@ -519,7 +519,7 @@ def job_show(
 @_plain_errors
 def models(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Configured models: kind, device, whether a worker holds them loaded, and the routes that use them."""
-    from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+    from dicom_ai_node.inference.model import ModelUnavailable, resolve_device
     from dicom_ai_node.worker import loaded_models
 
     settings = load_config(config)

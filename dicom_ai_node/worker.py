@@ -24,7 +24,8 @@ from pathlib import Path
 from dicom_ai_node import __version__
 from dicom_ai_node.config import Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
-from dicom_ai_node.inference.registry import Model, ModelRegistry, ModelUnavailable
+from dicom_ai_node.inference.model import Model, ModelUnavailable
+from dicom_ai_node.inference.registry import ModelRegistry
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
 from dicom_ai_node.logs import setup_logging

@@ -107,3 +107,26 @@ def test_values_import_nothing_of_ours() -> None:
 def test_no_import_circle_between_packages() -> None:
     cycle = find_cycle(package_import_graph())
     assert cycle is None, "import circle between packages: " + " -> ".join(cycle or [])
+
+
+def module_import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, at any depth (a lazy import is still a dependency)."""
+    modules = {
+        ".".join(("dicom_ai_node", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported = _imported_modules(path)
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_no_import_circle_between_modules() -> None:
+    """Inside a package too: e.g. the model kinds import the model contract, never the registry that loads them."""
+    graph = module_import_graph()
+    for package in (path.parent for path in PACKAGE.rglob("__init__.py")):
+        # A package's __init__ naming its own modules is how Python finds them, not a circle.
+        graph[".".join(("dicom_ai_node", *package.relative_to(PACKAGE).parts)).rstrip(".")] = set()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle between modules: " + " -> ".join(cycle or [])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dicom_ai_node.inference.builtin import SEGMENTS, BuiltinCTModel
-from dicom_ai_node.inference.registry import resolve_device
+from dicom_ai_node.inference.model import resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.volume import SourceFrame, Volume
 from dicom_ai_node.phantoms.ct import HU_AIR, CTPhantom

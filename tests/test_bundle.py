@@ -14,7 +14,7 @@ import yaml
 
 from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.bundle import ANATOMICAL_STRUCTURE, MonaiBundleModel
-from dicom_ai_node.inference.registry import ModelUnavailable
+from dicom_ai_node.inference.model import ModelUnavailable
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.inference.volume import load_volume

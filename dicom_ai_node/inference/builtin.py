@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_ai_node.inference.registry import resolve_device
+from dicom_ai_node.inference.model import resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
 

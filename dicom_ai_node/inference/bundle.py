@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 
 from dicom_ai_node.config import MonaiBundleConfig
-from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+from dicom_ai_node.inference.model import ModelUnavailable, resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
 

@@ -16,7 +16,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
 
 from dicom_ai_node.inference.bundle import Axcodes, coded_segments, label_masks, to_source_grid
-from dicom_ai_node.inference.registry import ModelUnavailable, resolve_device
+from dicom_ai_node.inference.model import ModelUnavailable, resolve_device
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume
 
