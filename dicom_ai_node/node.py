@@ -14,6 +14,7 @@ from dicom_ai_node.config import Config
 from dicom_ai_node.delivery.queue import DeliveryQueue
 from dicom_ai_node.delivery.runner import DeliveryRunner
 from dicom_ai_node.errors import StartupError
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.inference.queue import JobQueue
 from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
 from dicom_ai_node.ingest.receive import Receiver
@@ -165,11 +166,11 @@ class Node:
                     "than %.0f s (series.stable_seconds) from now, so their senders can resume",
                     len(interrupted), stable)
         for study_uid, series_uid in interrupted:
-            self.index.record_event(
-                "receiving-interrupted",
+            self.index.record(
+                EventKind.RECEIVING_INTERRUPTED,
                 f"series {series_uid} was still receiving when the node stopped; it completes no sooner than "
                 f"{stable:g} s after the restart, so the sender can send the rest",
-                level="warning",
+                level=Level.WARNING,
                 study_instance_uid=study_uid,
                 series_instance_uid=series_uid,
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, exists, func, select, update
 
 from dicom_ai_node.config import DeliverySection
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
     Delivery,
@@ -209,7 +210,7 @@ class DeliveryQueue:
             )
             what = f"delivery {delivery.id} of {len(delivery.files)} object(s) to {delivery.destination}"
             if state is DeliveryState.DELIVERED:
-                message, level = f"{what}: delivered (attempt {delivery.attempt})", "info"
+                message, level = f"{what}: delivered (attempt {delivery.attempt})", Level.INFO
             elif state is DeliveryState.DEAD:
                 if outcome.permanent:
                     why, fix = "permanent failure", f"once that is fixed, send it again with: {again}"
@@ -219,16 +220,16 @@ class DeliveryQueue:
                            f"first failed attempt ({delivery.attempt} attempt(s), delivery.give_up_after_hours = "
                            f"{self.settings.give_up_after_hours:g})")
                     fix = f"send it again with: {again}"
-                message, level = f"{what}: dead, {why}: {outcome.reason}; {fix}", "error"
+                message, level = f"{what}: dead, {why}: {outcome.reason}; {fix}", Level.ERROR
             else:
                 wait = (next_at - now).total_seconds()
                 left = (give_up_at - now).total_seconds()
                 message = (f"{what}: attempt {delivery.attempt} failed ({outcome.reason}); retry in {wait:.0f} s "
                            f"or as soon as the destination answers again (gives up in {_duration(left)})")
-                level = "warning"
+                level = Level.WARNING
             insert_event(
                 connection,
-                f"delivery-{state.value}",
+                EventKind.of_delivery(state.value),
                 message,
                 level,
                 study_instance_uid=delivery.study_instance_uid,
@@ -278,7 +279,7 @@ class DeliveryQueue:
         with self.engine.begin() as connection:
             insert_event(
                 connection,
-                "delivery-resumed",
+                EventKind.DELIVERY_RESUMED,
                 f"destination {name} answers again: {count} waiting delivery(ies) sent now, not after their backoff",
             )
 
@@ -346,7 +347,7 @@ class DeliveryQueue:
     def _nothing_on_file(connection: Connection, study_instance_uid: str, jobs: list[int]) -> str:
         listed = ", ".join(f"J{job_id}" for job_id in jobs)
         purged_at = connection.execute(
-            select(func.max(Event.at)).where(Event.study_instance_uid == study_instance_uid, Event.kind == "purged")
+            select(func.max(Event.at)).where(Event.study_instance_uid == study_instance_uid, Event.kind == EventKind.PURGED.value)
         ).scalar()
         images = connection.execute(
             select(func.count(Instance.id))

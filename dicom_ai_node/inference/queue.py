@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import Engine, func, or_, select, update
 
 from dicom_ai_node.delivery.queue import create_for_job
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, Study, utcnow
 from dicom_ai_node.values import StageTimes, StoredResult
@@ -121,7 +122,7 @@ class JobQueue:
             summary = ", ".join(f"{r.kind} {r.sop_instance_uid}" for r in results)
             insert_event(
                 connection,
-                "job-done",
+                EventKind.JOB_DONE,
                 f"job {job.id} ({job.model}) done in {_total(times):.1f} s: {summary}",
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
@@ -132,9 +133,9 @@ class JobQueue:
             self._close(connection, job, state, reason, times, device, None)
             insert_event(
                 connection,
-                f"job-{state.value}",
+                EventKind.of_job(state.value),
                 f"job {job.id} ({job.model}) {state.value}: {reason}",
-                level="error" if state is JobState.FAILED else "warning",
+                level=Level.ERROR if state is JobState.FAILED else Level.WARNING,
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )
@@ -160,9 +161,9 @@ class JobQueue:
             )
             insert_event(
                 connection,
-                "job-waiting",
+                EventKind.JOB_WAITING,
                 f"job {job.id} ({job.model}) {error}",
-                level="warning",
+                level=Level.WARNING,
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )

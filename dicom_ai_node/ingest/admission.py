@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dicom_ai_node.events import EventKind
+
 log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ rejected-transient, DICOM UL service-provider (presentation), local-limit-exceeded (PS3.8 §9.3.4).
@@ -57,7 +59,7 @@ class _Waiting:
 
 @dataclass(frozen=True)
 class Refusal:
-    kind: str  # the event kind and the metric label (see the README's security section for the list)
+    kind: EventKind  # the event kind and the metric label (see the README's security section for the list)
     host: str
     reason: str
     calling_ae_title: str | None = None
@@ -95,7 +97,7 @@ class Admission:
             _, waiting = evicted
             _close(waiting.sock)
             self.refuse(Refusal(
-                "connection-evicted",
+                EventKind.CONNECTION_EVICTED,
                 waiting.host,
                 f"connection from {waiting.host} closed after {time.monotonic() - waiting.since:.1f} s without an "
                 f"association request: {self.max_pending} connections were waiting (dimse.max_pending_connections)",
@@ -113,14 +115,14 @@ class Admission:
             from_host = sum(1 for admitted_host in self._admitted.values() if admitted_host == host)
             if len(self._admitted) >= self.max_associations:
                 refusal = Refusal(
-                    "association-limit",
+                    EventKind.ASSOCIATION_LIMIT,
                     host,
                     f"association from {calling_ae_title!r}@{host} rejected: all {self.max_associations} "
                     "association slots are in use (dimse.max_associations)",
                 )
             elif self.max_per_host and from_host >= self.max_per_host:
                 refusal = Refusal(
-                    "association-limit",
+                    EventKind.ASSOCIATION_LIMIT,
                     host,
                     f"association from {calling_ae_title!r}@{host} rejected: {host} already has {from_host} "
                     "associations open (dimse.max_associations_per_host)",

@@ -34,6 +34,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_ai_node.config import Config, SourceConfig
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.parse import split_part10
 from dicom_ai_node.ingest.receive import OUT_OF_RESOURCES, PROCESSING_FAILURE, Receiver
 from dicom_ai_node.routing.rules import choose_route
@@ -107,12 +108,11 @@ class OrthancPuller:
         if cursor is None:
             cursor = int(self._get_json("changes", {"last": ""})["Last"])
             self._save_cursor(cursor)
-            log.info("%s: first start: following Orthanc's changes after %d; earlier studies are not pulled",
-                     self.name, cursor)
-            self.receiver.index.record_event(
-                "source-started",
+            self.receiver.index.report(
+                EventKind.SOURCE_STARTED,
                 f"source {self.name} ({self.url}): following new series from Orthanc change {cursor} on; "
                 "studies already in the PACS are not pulled",
+                logger=log,
             )
         answer = self._get_json("changes", {"since": cursor, "limit": self.source.batch_size})
         handled, series, instances = cursor, 0, 0
@@ -257,13 +257,11 @@ class OrthancPuller:
         self._failing = problem
         log.error("%s: pulling from %s failed, retrying every %g s: %s", self.name, self.url,
                   self.source.poll_seconds, problem, exc_info=not isinstance(exc, (orthanc_errors.OrthancApiException, SourceUnavailable, _RetryLater)))
-        try:
-            self.receiver.index.record_event(
-                "source-failed", f"source {self.name} ({self.url}): {problem}; retrying every "
-                f"{self.source.poll_seconds:g} s", level="error",
-            )
-        except Exception:  # the database may be what failed
-            log.debug("could not record the failure in the audit trail", exc_info=True)
+        self.receiver.index.record(  # the database may be what failed: `record` never raises
+            EventKind.SOURCE_FAILED,
+            f"source {self.name} ({self.url}): {problem}; retrying every {self.source.poll_seconds:g} s",
+            Level.ERROR,
+        )
 
     def _healthy(self) -> None:
         if self._failing is not None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.parse import DEFAULT_MAX_INFLATED_BYTES, RejectedDataset, parse_header
 from dicom_ai_node.store.files import DiskFull, InstanceStore
 from dicom_ai_node.store.index import Index
@@ -184,10 +185,10 @@ class Receiver:
             if header is not None and code in TRANSIENT:  # its series waits for the re-send
                 self.index.record_refusal(header, sender, code, reason, message)
             else:
-                self.index.record_event(
-                    "store-failed",
+                self.index.record(
+                    EventKind.STORE_FAILED,
                     message,
-                    level="error",
+                    level=Level.ERROR,
                     study_instance_uid=header.study_instance_uid if header else None,
                     series_instance_uid=header.series_instance_uid if header else None,
                     sop_instance_uid=sop,

@@ -23,6 +23,7 @@ from pynetdicom.association import Association
 
 from dicom_ai_node.config import Config, DimseTLS
 from dicom_ai_node.errors import StartupError
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.admission import REJECT_CONGESTION, REJECT_LOCAL_LIMIT, Admission, Refusal
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 from dicom_ai_node.ingest.part10 import part10
@@ -194,12 +195,9 @@ class StorageSCP:
     def _record_refusal(self, refusal: Refusal, unrecorded: int) -> None:
         """Write a refusal to the audit trail; it is already logged, and a database that fails must not undo it."""
         more = f" ({unrecorded} more like it in the last minute, logged but not recorded)" if unrecorded else ""
-        try:
-            self.index.record_event(
-                refusal.kind, refusal.reason + more, level="warning", calling_ae_title=refusal.calling_ae_title
-            )
-        except Exception:
-            log.exception("could not record in the audit trail: %s", refusal.reason)
+        self.index.record(
+            refusal.kind, refusal.reason + more, Level.WARNING, calling_ae_title=refusal.calling_ae_title
+        )
 
     def _on_requested(self, event: evt.Event) -> None:
         """Accept, or reject with the reason; the rejection is sent first, then logged and recorded.
@@ -237,7 +235,7 @@ class StorageSCP:
         if rejection is not None:
             self.admission.closed(association)
             reason = f"association from {calling}@{host} rejected: {rejection.reason}"
-            return rejection.result_source_diagnostic, Refusal("association-rejected", host, reason, calling[:16])
+            return rejection.result_source_diagnostic, Refusal(EventKind.ASSOCIATION_REJECTED, host, reason, calling[:16])
         refusal = self.admission.request(association, host, calling)
         if refusal is not None:
             return REJECT_LOCAL_LIMIT, refusal
@@ -268,14 +266,14 @@ class StorageSCP:
                 f"{sender} proposed SOP class {sop_class} ({sop_class.name}), which this node does not store; "
                 "its instances cannot be received"
             )
-            log.warning("%s", reason)
-            self.index.record_event("unsupported-sop-class", reason, level="warning", calling_ae_title=sender.ae_title)
+            self.index.report(
+                EventKind.UNSUPPORTED_SOP_CLASS, reason, Level.WARNING, logger=log, calling_ae_title=sender.ae_title
+            )
         elif context.result == _TRANSFER_SYNTAX_NOT_SUPPORTED:
             offered = ", ".join(UID(ts).name for ts in context.transfer_syntax)
             reason = f"{sender} offered {sop_class.name} only in transfer syntaxes this node does not accept: {offered}"
-            log.warning("%s", reason)
-            self.index.record_event(
-                "unsupported-transfer-syntax", reason, level="warning", calling_ae_title=sender.ae_title
+            self.index.report(
+                EventKind.UNSUPPORTED_TRANSFER_SYNTAX, reason, Level.WARNING, logger=log, calling_ae_title=sender.ae_title
             )
         else:
             log.info("%s: presentation context for %s not accepted", sender, sop_class.name)

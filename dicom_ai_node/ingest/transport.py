@@ -64,6 +64,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_ai_node.events import EventKind
 from dicom_ai_node.ingest.admission import Admission, Refusal
 
 log = logging.getLogger(__name__)
@@ -178,12 +179,12 @@ class GuardedDUL(DULServiceProvider):
                 return
             pdu_type, _, length = struct.unpack(">BBL", header)
             if pdu_type not in _PDU_TYPES:
-                self._refuse("pdu-invalid", f"sent an unknown PDU type 0x{pdu_type:02X}: A-ABORT")
+                self._refuse(EventKind.PDU_INVALID, f"sent an unknown PDU type 0x{pdu_type:02X}: A-ABORT")
                 return
             limit = MAX_REQUEST_PDU_BYTES if requesting else self.assoc.acceptor.maximum_length
             if limit and length > limit:
                 phase = "any association request" if requesting else "the negotiated maximum"
-                self._refuse("pdu-too-long", f"sent a PDU (type 0x{pdu_type:02X}) claiming {length} bytes, more than "
+                self._refuse(EventKind.PDU_TOO_LONG, f"sent a PDU (type 0x{pdu_type:02X}) claiming {length} bytes, more than "
                                              f"{phase} ({limit}): A-ABORT")
                 return
             if not requesting:
@@ -191,7 +192,7 @@ class GuardedDUL(DULServiceProvider):
             body = sock.recv(length)
         except TimeoutError:
             what = "the association request" if requesting else "a PDU"
-            self._refuse("stalled", f"did not send {what} in time: connection closed", abort=False)
+            self._refuse(EventKind.STALLED, f"did not send {what} in time: connection closed", abort=False)
             return
         except OSError as exc:
             log.info("connection from %s lost: %s", self._peer(), exc)
@@ -205,13 +206,13 @@ class GuardedDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:  # pynetdicom raises many types for malformed PDUs
-            self._refuse("pdu-invalid", f"sent a PDU that cannot be decoded ({exc}): A-ABORT")
+            self._refuse(EventKind.PDU_INVALID, f"sent a PDU that cannot be decoded ({exc}): A-ABORT")
             return
         self._last_received = time.monotonic()
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
-    def _refuse(self, kind: str, reason: str, abort: bool = True) -> None:
+    def _refuse(self, kind: EventKind, reason: str, abort: bool = True) -> None:
         """End the connection for what the peer sent (an A-ABORT first, unless it stalled), and count it."""
         if abort:
             try:
@@ -279,7 +280,7 @@ class QuickStoreResponseDIMSE(DIMSEServiceProvider):
     def _refuse(self, reason: str) -> None:
         self.message = None  # what accumulated goes now, not when the association ends
         self._command_bytes = self._dataset_bytes = 0
-        self.dul._refuse("message-too-long", reason)
+        self.dul._refuse(EventKind.MESSAGE_TOO_LONG, reason)
 
     def send_msg(self, primitive, context_id: int) -> None:
         if (
@@ -312,7 +313,7 @@ class PromptAssociation(Association):
         if self.requestor.primitive is None and not self._request_ended:
             address = self.requestor.address
             self._server.admission.refuse(Refusal(
-                "request-timeout",
+                EventKind.REQUEST_TIMEOUT,
                 address,
                 f"connection from {address} sent no association request within {self.acse_timeout:g} s "
                 "(dimse.acse_timeout_seconds): closed",
@@ -415,7 +416,7 @@ class _AcceptorRequestHandler(RequestHandler):
             _close_quietly(self.request)
             if self.server.admission.closed(association):  # not already counted as evicted
                 self.server.admission.refuse(
-                    Refusal("tls-handshake-failed", host, f"TLS handshake with {host} failed: {exc}")
+                    Refusal(EventKind.TLS_HANDSHAKE_FAILED, host, f"TLS handshake with {host} failed: {exc}")
                 )
             return False
         return True

@@ -11,6 +11,7 @@ import logging
 from sqlalchemy import Engine, select, update
 
 from dicom_ai_node.config import RouteConfig
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.routing.rules import choose_route
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Instance, Job, JobState, Series, SeriesState, Study, utcnow
@@ -107,9 +108,9 @@ class Router:
             )
             insert_event(
                 connection,
-                "routed" if decision.models else "not-routed",
+                EventKind.ROUTED if decision.models else EventKind.NOT_ROUTED,
                 message,
-                level="info" if decision.models else "warning",
+                level=Level.INFO if decision.models else Level.WARNING,
                 study_instance_uid=study_uid,
                 series_instance_uid=facts.series_instance_uid,
             )

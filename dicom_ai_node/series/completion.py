@@ -14,6 +14,7 @@ import logging
 
 from sqlalchemy import Engine, Row, exists, func, select, update
 
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import Index, insert_event
 from dicom_ai_node.store.models import Instance, RefusedInstance, Series, SeriesState, Study, utcnow
 from dicom_ai_node.values import CompletedSeries
@@ -100,16 +101,16 @@ class SeriesCompletion:
                     connection.execute(_refused.delete().where(of_series))
                     insert_event(
                         connection,
-                        "series-incomplete",
+                        EventKind.SERIES_INCOMPLETE,
                         f"{missing} within series.refused_wait_seconds = {refused_wait_seconds:g} s: the series "
                         f"completes with the {row.instances} instance(s) it has",
-                        "warning",
+                        Level.WARNING,
                         **uids,
                     )
                 note = f"; {row.late_instances} late instance(s), re-processing requested" if row.reprocess_requested else ""
                 insert_event(
                     connection,
-                    "complete",
+                    EventKind.COMPLETE,
                     f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
                     **uids,
                 )
@@ -168,11 +169,11 @@ class SeriesCompletion:
             )
             insert_event(
                 connection,
-                "series-waiting",
+                EventKind.SERIES_WAITING,
                 f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
                 "a processing failure) and not sent again; it completes once they arrive, or without them after "
                 "series.refused_wait_seconds",
-                "warning",
+                Level.WARNING,
                 study_instance_uid=series.study_instance_uid,
                 series_instance_uid=series.series_instance_uid,
             )

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from typing import Iterator
 
 from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.models import Event, Instance, RefusedInstance, Series, SeriesState, Study, utcnow
 from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
+
+log = logging.getLogger(__name__)
 
 _studies = Study.__table__
 _series = Series.__table__
@@ -47,8 +51,13 @@ class Arrivals:
         return [(study, series, duplicates) for series, (study, new, duplicates) in self._series.items() if not new]
 
 
-def insert_event(connection: Connection, kind: str, message: str, level: str = "info", **uids: str | None) -> None:
-    connection.execute(_events.insert().values(at=utcnow(), level=level, kind=kind, message=message, **uids))
+def insert_event(
+    connection: Connection, kind: EventKind, message: str, level: Level = Level.INFO, **uids: str | None
+) -> None:
+    """An audit row, in the transaction of the state change it records (a kind outside the catalogue is a bug)."""
+    connection.execute(
+        _events.insert().values(at=utcnow(), level=Level(level).value, kind=EventKind(kind).value, message=message, **uids)
+    )
 
 
 def _copy_fields(header: InstanceHeader, sender: Sender, file_size: int, now: dt.datetime) -> dict[str, object]:
@@ -139,12 +148,12 @@ class Index:
             if changed:
                 self._event(
                     connection,
-                    "instance-restored",
+                    EventKind.INSTANCE_RESTORED,
                     f"instance {header.sop_instance_uid} had lost its file; the copy {sender} sent again is "
                     "stored in its place",
                     header,
                     sender,
-                    level="warning",
+                    level=Level.WARNING,
                 )
         return bool(changed)
 
@@ -164,7 +173,7 @@ class Index:
                 .values(sop_instance_uid=header.sop_instance_uid, **values)
                 .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
             )
-            self._event(connection, "store-failed", message, header, sender, level="error")
+            self._event(connection, EventKind.STORE_FAILED, message, header, sender, level=Level.ERROR)
 
     def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> IngestOutcome:
         now = utcnow()
@@ -185,7 +194,7 @@ class Index:
             if created:
                 self._event(
                     connection,
-                    "receiving",
+                    EventKind.RECEIVING,
                     f"series {header.series_instance_uid} ({header.modality or '?'}, "
                     f"{header.series_description or 'no description'!r}) started arriving from {sender}",
                     header,
@@ -207,12 +216,12 @@ class Index:
             )
             self._event(
                 connection,
-                "late-instance",
+                EventKind.LATE_INSTANCE,
                 f"instance {header.sop_instance_uid} arrived after series {header.series_instance_uid} was "
                 f"{state}; the series is re-opened and flagged for re-processing",
                 header,
                 sender,
-                level="warning",
+                level=Level.WARNING,
             )
             return IngestOutcome.LATE
 
@@ -282,7 +291,7 @@ class Index:
             for study_instance_uid, series_instance_uid, count in series:
                 insert_event(
                     connection,
-                    "resent",
+                    EventKind.RESENT,
                     f"series {series_instance_uid} sent again by {sender}: all {count} instance(s) were stored "
                     "already; the first copies are kept and nothing is processed again",
                     study_instance_uid=study_instance_uid,
@@ -290,32 +299,31 @@ class Index:
                     calling_ae_title=sender.ae_title,
                 )
 
-    def record_event(
-        self,
-        kind: str,
-        message: str,
-        *,
-        level: str = "info",
-        study_instance_uid: str | None = None,
-        series_instance_uid: str | None = None,
-        sop_instance_uid: str | None = None,
-        calling_ae_title: str | None = None,
+    def report(
+        self, kind: EventKind, message: str, level: Level = Level.INFO, *, logger: logging.Logger, **uids: str | None
     ) -> None:
-        with self.write_transaction() as connection:
-            insert_event(
-                connection,
-                kind,
-                message,
-                level,
-                study_instance_uid=study_instance_uid,
-                series_instance_uid=series_instance_uid,
-                sop_instance_uid=sop_instance_uid,
-                calling_ae_title=calling_ae_title,
-            )
+        """The log line and the audit row, with the same words; never raises (see `record`)."""
+        logger.log(Level(level).logging_level, "%s", message)
+        self.record(kind, message, level, **uids)
+
+    def record(self, kind: EventKind, message: str, level: Level = Level.INFO, **uids: str | None) -> None:
+        """The audit row alone, for what was logged where it was decided; never raises.
+
+        What is recorded was already decided and acted on (a rejection sent, a feed
+        retried): a database that cannot take the row must not undo it, so the failure
+        to record goes to the log instead.  `uids`: study_instance_uid,
+        series_instance_uid, sop_instance_uid, calling_ae_title.
+        """
+        try:
+            with self.write_transaction() as connection:
+                insert_event(connection, kind, message, level, **uids)
+        except Exception:
+            log.exception("could not write to the audit trail (%s): %s", kind, message)
 
     @staticmethod
     def _event(
-        connection: Connection, kind: str, message: str, header: InstanceHeader, sender: Sender, level: str = "info"
+        connection: Connection, kind: EventKind, message: str, header: InstanceHeader, sender: Sender,
+        level: Level = Level.INFO,
     ) -> None:
         insert_event(
             connection,

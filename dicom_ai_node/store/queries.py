@@ -28,6 +28,7 @@ from sqlalchemy import (
     union_all,
 )
 
+from dicom_ai_node.events import EventKind
 from dicom_ai_node.store.models import (
     Delivery,
     DeliveryState,
@@ -224,7 +225,7 @@ def _purged_studies(connection, study_instance_uids) -> set[str]:
     """The studies among these (UIDs, or a select of them) that were purged: their rows stay, purge records an event."""
     return set(connection.execute(
         select(Event.study_instance_uid).distinct()
-        .where(Event.study_instance_uid.in_(study_instance_uids), Event.kind == "purged")
+        .where(Event.study_instance_uid.in_(study_instance_uids), Event.kind == EventKind.PURGED.value)
     ).scalars())
 
 

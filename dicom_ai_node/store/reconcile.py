@@ -35,6 +35,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, Row, func, select
 
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Event, Instance, Job, JobState, ResultObject, Series, Study
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # Longer than any single instance takes to write, even a multi-GB one on a slow disk.
 WINDOW = dt.timedelta(hours=1)
-EVENT_KIND = "start-up-check"
+EVENT_KIND = EventKind.START_UP_CHECK
 _WORKERS_FOLDER = ".workers"  # see worker.py: worker_status_folder
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -75,7 +76,7 @@ class Repair:
     def level(self) -> str:
         if self.rows_kept_without_file:
             return "error"
-        return "warning" if self.rows_removed or self.temporary_files or self.unacknowledged_files else "info"
+        return Level.WARNING if self.rows_removed or self.temporary_files or self.unacknowledged_files else Level.INFO
 
 
 def reconcile(engine: Engine, root: Path, max_in_flight: int) -> Repair:
@@ -158,9 +159,9 @@ def _remove_row(engine: Engine, series: Row, row: Row) -> None:
         connection.execute(Instance.__table__.delete().where(Instance.id == row.id))
         insert_event(
             connection,
-            "instance-lost",
+            EventKind.INSTANCE_LOST,
             message,
-            "warning",
+            Level.WARNING,
             study_instance_uid=series.study_instance_uid,
             series_instance_uid=series.series_instance_uid,
             sop_instance_uid=row.sop_instance_uid,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, delete, exists, func, select
 
+from dicom_ai_node.events import EventKind
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
     Delivery,
@@ -92,7 +93,7 @@ def purge_older_than(engine: Engine, storage_root: Path, days: float, dry_run: b
             connection.execute(delete(ResultObject).where(ResultObject.job_id.in_(job_ids)))
             insert_event(
                 connection,
-                "purged",
+                EventKind.PURGED,
                 f"purged {instances} instance(s) and {results} result object(s), {record.bytes / 1e6:.1f} MB: "
                 f"older than {days:g} day(s) and fully delivered",
                 study_instance_uid=study.study_instance_uid,

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Receiver
@@ -113,8 +114,8 @@ class Stow:
         # one instance are in memory while it is checked and written.
         dataset = read_range(body, part.start + offset, size - offset)
         if study_uid is not None and (mismatch := self._study_mismatch(dataset, ts, study_uid)):
-            self.index.record_event(
-                "store-failed", f"instance {sop_uid} from {sender} refused: {mismatch}", level="error",
+            self.index.record(
+                EventKind.STORE_FAILED, f"instance {sop_uid} from {sender} refused: {mismatch}", level=Level.ERROR,
                 study_instance_uid=study_uid, sop_instance_uid=sop_uid, calling_ae_title=sender.ae_title,
             )
             return _Outcome(sop_class, sop_uid, DOES_NOT_MATCH_SOP_CLASS, mismatch)
