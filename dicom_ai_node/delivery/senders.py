@@ -1,12 +1,26 @@
-"""One factory, so the delivery runner never needs to know how a destination is reached."""
+"""What every sender does, and one factory, so the delivery runner never needs to know how a destination is reached."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Protocol
+
 from ..config import DestinationConfig, DicomwebDestination, DimseDestination, OrthancDestination
+from ..values import DeliveryOutcome
 from .dicomweb import StowRsSender
 from .dimse import DimseSender
 from .orthanc import OrthancRestSender
-from .outcome import Sender
+
+
+class Sender(Protocol):
+    def send(self, files: list[Path]) -> DeliveryOutcome:
+        """Send all `files` (Part 10 SEG/SR) in ONE association / request / session."""
+        ...
+
+    def probe(self, timeout: float) -> bool | None:
+        """Does the destination answer at all (C-ECHO, HTTP HEAD or GET), within `timeout` seconds?
+        None when it cannot be probed (missing credentials or TLS files: the send says why)."""
+        ...
 
 
 def make_sender(name: str, destination: DestinationConfig, our_ae_title: str) -> Sender:
