@@ -78,19 +78,6 @@ class _Section(BaseModel):
         return _in_config_folder(value, info) if isinstance(value, Path) else value
 
 
-class _ByKind(_Section):
-    """Base of the classes of one table's kinds.  Calling the base itself, `DestinationConfig(kind="dimse", ...)`,
-    builds the class of that kind, as a table of the config file does (Python then runs that class's __init__
-    with the same arguments: validated twice, which a config of a few fields can afford)."""
-
-    kind: str
-
-    def __new__(cls, *args: Any, **data: Any) -> Any:
-        if cls in _KINDS:
-            return _KINDS[cls].validate_python(data)
-        return super().__new__(cls)
-
-
 class NodeSection(_Section):
     ae_title: AETitle = "AI_NODE"
     # On SIGTERM: stop accepting, let running jobs and sends finish for this long, then exit.
@@ -235,8 +222,10 @@ class Peer(_Section):
     port: int = Field(ge=1, le=65535)
 
 
-class ModelConfig(_ByKind):
-    """A model by name; `kind` says how it is loaded, each kind its own class."""
+class ModelConfig(_Section):
+    """A model by name; `kind` says how it is loaded, each kind its own class (build that class, not this one)."""
+
+    kind: str
 
     device: str = "auto"  # auto = cuda when present, else cpu
     # BINARY SEG (segments may overlap) or LABELMAP (one label per voxel; overlap is an error).
@@ -334,8 +323,11 @@ class RouteConfig(_Section):
         return value
 
 
-class DestinationConfig(_ByKind):
-    """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API."""
+class DestinationConfig(_Section):
+    """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API; `kind`
+    says which, each kind its own class (build that class, not this one)."""
+
+    kind: str
 
     timeout_seconds: float = Field(60.0, gt=0)
 
@@ -396,10 +388,13 @@ class OrthancDestination(HttpDestination):
 AnyDestinationConfig = Annotated[
     DimseDestination | DicomwebDestination | OrthancDestination, Field(discriminator="kind")
 ]
-_KINDS: dict[type, TypeAdapter[Any]] = {
-    DestinationConfig: TypeAdapter(AnyDestinationConfig),
-    ModelConfig: TypeAdapter(AnyModelConfig),
-}
+_ANY_DESTINATION: TypeAdapter[AnyDestinationConfig] = TypeAdapter(AnyDestinationConfig)
+
+
+def destination_from(data: dict[str, Any]) -> AnyDestinationConfig:
+    """The destination of the class `data["kind"]` names, as a [destinations] table of the config file
+    builds it (without the config file's folder: relative paths stay as given)."""
+    return _ANY_DESTINATION.validate_python(data)
 
 
 class SourceConfig(_Section):

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_ai_node.config import DestinationConfig
+from dicom_ai_node.config import DestinationConfig, DicomwebDestination, DimseDestination, destination_from
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.inference.builtin import BuiltinCTModel
 from dicom_ai_node.inference.segmentation import Segmentation
@@ -151,7 +151,7 @@ def destination(kind: str, orthanc: OrthancProcess, **overrides) -> DestinationC
         settings["url"] = orthanc.dicomweb_url if kind == "dicomweb" else orthanc.url
         if orthanc.users:
             settings |= {"username": USER, "password_env": PASSWORD_ENV}
-    return DestinationConfig(**(settings | overrides))
+    return destination_from(settings | overrides)
 
 
 def send(config: DestinationConfig, files: list[Path]) -> DeliveryOutcome:
@@ -208,9 +208,7 @@ class StoreSCP:
         return self.status
 
     def destination(self) -> DestinationConfig:
-        return DestinationConfig(
-            kind="dimse", ae_title="STORE_SCP", host="127.0.0.1", port=self.port, timeout_seconds=5
-        )
+        return DimseDestination(ae_title="STORE_SCP", host="127.0.0.1", port=self.port, timeout_seconds=5)
 
 
 @pytest.fixture
@@ -442,7 +440,7 @@ def fake_http() -> Iterator:
 @pytest.mark.parametrize(("status", "permanent"), [(503, False), (429, False), (408, False), (400, True), (404, True)])
 def test_http_status_is_classified(fake_http, results, kind, status, permanent):
     server = fake_http(status)
-    config = DestinationConfig(kind=kind, url=server.url, timeout_seconds=5)
+    config = destination_from({"kind": kind, "url": server.url, "timeout_seconds": 5})
     outcome = send(config, [results["seg"]])
     assert not outcome.delivered and outcome.permanent == permanent, outcome
     assert outcome.remote_status == f"HTTP {status}"
@@ -459,7 +457,7 @@ def test_stow_rs_sends_one_multipart_request_with_a_bearer_token(fake_http, resu
     seg, sr = results["seg"], results["sr"]
     server = fake_http(200, {"00081199": {"vr": "SQ", "Value": [_sop_item(seg), _sop_item(sr)]}})
     monkeypatch.setenv("TEST_TOKEN", "t0ken")
-    outcome = send(DestinationConfig(kind="dicomweb", url=server.url + "/", token_env="TEST_TOKEN"), [seg, sr])
+    outcome = send(DicomwebDestination(url=server.url + "/", token_env="TEST_TOKEN"), [seg, sr])
     assert outcome.delivered and outcome.remote_status == "HTTP 200", outcome
     [(method, path, headers, body)] = server.requests
     assert (method, path) == ("POST", "/studies")
@@ -482,7 +480,7 @@ def test_stow_rs_failed_sop_sequence_decides(fake_http, results, status, failure
         "00081199": {"vr": "SQ", "Value": [_sop_item(sr)]},
         "00081198": {"vr": "SQ", "Value": [_sop_item(seg, **{"00081197": failure_reason})]},
     }
-    outcome = send(DestinationConfig(kind="dicomweb", url=fake_http(status, answer).url), [seg, sr])
+    outcome = send(DicomwebDestination(url=fake_http(status, answer).url), [seg, sr])
     assert not outcome.delivered and outcome.permanent == permanent, outcome
     assert f"{sop_instance_uid(seg)} (Failure Reason 0x{failure_reason:04X})" in outcome.reason
 
@@ -490,7 +488,7 @@ def test_stow_rs_failed_sop_sequence_decides(fake_http, results, status, failure
 def test_stow_rs_instance_missing_from_the_answer_is_not_delivered(fake_http, results):
     seg, sr = results["seg"], results["sr"]
     server = fake_http(200, {"00081199": {"vr": "SQ", "Value": [_sop_item(sr)]}})
-    outcome = send(DestinationConfig(kind="dicomweb", url=server.url), [seg, sr])
+    outcome = send(DicomwebDestination(url=server.url), [seg, sr])
     assert not outcome.delivered and outcome.permanent, outcome
     assert sop_instance_uid(seg) in outcome.reason
 
@@ -498,5 +496,5 @@ def test_stow_rs_instance_missing_from_the_answer_is_not_delivered(fake_http, re
 def test_stow_rs_warning_is_delivered_with_the_warning_in_the_reason(fake_http, results):
     seg = results["seg"]
     server = fake_http(202, {"00081199": {"vr": "SQ", "Value": [_sop_item(seg, **{"00081196": 0xB000})]}})
-    outcome = send(DestinationConfig(kind="dicomweb", url=server.url), [seg])
+    outcome = send(DicomwebDestination(url=server.url), [seg])
     assert outcome.delivered and "0xB000" in outcome.reason, outcome

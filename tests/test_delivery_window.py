@@ -17,7 +17,7 @@ from conftest import storescu
 from orthanc import orthanc_servers
 from sqlalchemy import select, update
 
-from dicom_ai_node.config import DeliverySection, DestinationConfig
+from dicom_ai_node.config import DeliverySection, DicomwebDestination, DimseDestination, OrthancDestination
 from dicom_ai_node.delivery.queue import DeliveryQueue, _queue
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.phantoms import CTPhantom
@@ -67,11 +67,11 @@ def test_probe_tells_a_destination_that_answers_from_one_that_is_down(orthancs, 
     pacs = orthancs(users={USER: PASSWORD}, check_called_aet=True)
     auth = {"username": USER, "password_env": PASSWORD_ENV}
     kinds = {
-        "dimse": DestinationConfig(**_dimse(pacs)),
-        "dimse, called AE title unknown": DestinationConfig(**_dimse(pacs, ae_title="NOT_ORTHANC")),
-        "dicomweb": DestinationConfig(kind="dicomweb", url=pacs.dicomweb_url, **auth),
-        "orthanc": DestinationConfig(kind="orthanc", url=pacs.url, **auth),
-        "orthanc, no credentials (401)": DestinationConfig(kind="orthanc", url=pacs.url),
+        "dimse": DimseDestination(**_dimse(pacs)),
+        "dimse, called AE title unknown": DimseDestination(**_dimse(pacs, ae_title="NOT_ORTHANC")),
+        "dicomweb": DicomwebDestination(url=pacs.dicomweb_url, **auth),
+        "orthanc": OrthancDestination(url=pacs.url, **auth),
+        "orthanc, no credentials (401)": OrthancDestination(url=pacs.url),
     }
     probes = {name: make_sender(name, destination, "AI_NODE") for name, destination in kinds.items()}
     assert {name: sender.probe(5) for name, sender in probes.items()} == dict.fromkeys(kinds, True)

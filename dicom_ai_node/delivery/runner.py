@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dicom_ai_node.config import Config, DestinationConfig
+from dicom_ai_node.config import Config, DestinationConfig, DimseDestination
 from dicom_ai_node.delivery.queue import ORIGIN, ClaimedDelivery, DeliveryQueue
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.store.models import DeliveryState
@@ -117,7 +117,7 @@ class DeliveryRunner:
         if peer_name is None:
             return DeliveryOutcome(False, True, f"origin: the sender's AE title {calling!r} is not a configured peer")
         peer = self.config.peers[peer_name]
-        destination = DestinationConfig(kind="dimse", ae_title=peer.ae_title, host=peer.host, port=peer.port)
+        destination = DimseDestination(ae_title=peer.ae_title, host=peer.host, port=peer.port)
         return _Target(f"origin ({peer_name})", destination, ORIGIN, calling)
 
     def _deliver(self, delivery: ClaimedDelivery) -> None:
