@@ -33,8 +33,6 @@ from dicom_ai_node.values import DeliveryOutcome
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ORIGIN", "DeliveryRunner"]
-
 
 @dataclass(frozen=True)
 class _Target:
