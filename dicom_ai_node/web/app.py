@@ -32,12 +32,14 @@ from dicom_ai_node.web.multipart import MultipartError, parse_multipart
 from dicom_ai_node.web.problem import HTTPProblem, problem_response
 from dicom_ai_node.web.qido import Qido, Query
 from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
+from dicom_ai_node.web.bulkdata import parse_bulk_path
+from dicom_ai_node.web.transcode import stored_pixels
 from dicom_ai_node.web.wado import (
     Archive,
+    bulkdata_response,
     frame_numbers,
     frames_response,
     metadata_response,
-    pixel_frames,
     retrieve_response,
 )
 
@@ -207,15 +209,17 @@ def create_app(
         auth.caller(request, write=False)
         params = uids(request)
         paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
-        return retrieve_response(request, paths)
+        return await run_in_threadpool(retrieve_response, request, paths)
 
     async def metadata(request: Request) -> Response:
         auth.caller(request, write=False)
         params = uids(request)
-        paths = await run_in_threadpool(archive.files, params["study"], params.get("series"), params.get("instance"))
-        if not paths:
+        found = await run_in_threadpool(archive.instances, params["study"], params.get("series"),
+                                        params.get("instance"))
+        if not found:
             raise HTTPProblem(404, "no such study, series or instance")
-        return metadata_response(paths)
+        urls = [f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}" for study, series, sop, _ in found]
+        return metadata_response([path for *_, path in found], urls)
 
     async def retrieve_frames(request: Request) -> Response:
         auth.caller(request, write=False)
@@ -224,7 +228,17 @@ def create_app(
         paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
         if not paths:
             raise HTTPProblem(404, "no such instance")
-        return frames_response(await run_in_threadpool(pixel_frames, paths[0]), numbers)
+        pixels = await run_in_threadpool(stored_pixels, paths[0])
+        return await run_in_threadpool(frames_response, request, pixels, numbers)
+
+    async def retrieve_bulkdata(request: Request) -> Response:
+        auth.caller(request, write=False)
+        params = uids(request)
+        steps = parse_bulk_path(request.path_params["path"])
+        paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
+        if not paths:
+            raise HTTPProblem(404, "no such instance")
+        return await run_in_threadpool(bulkdata_response, request, paths[0], steps, str(request.url))
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -261,6 +275,7 @@ def create_app(
         Route(f"{base}{series}/metadata", metadata, methods=["GET"]),
         Route(f"{base}{instance}/metadata", metadata, methods=["GET"]),
         Route(f"{base}{instance}/frames/{{frames}}", retrieve_frames, methods=["GET"]),
+        Route(f"{base}{instance}/bulkdata/{{path:path}}", retrieve_bulkdata, methods=["GET"]),
     ]
     middleware = [Middleware(_BoundedURL)]
     if settings.cors_origins:
