@@ -1,6 +1,7 @@
 """What a radiologist sees: the OHIF viewer in a real (headless) Chromium shows the node's SEG over the CT.
 
-A CT phantom goes to the node, which makes its SEG and SR and serves all three from its own DICOMweb
+A CT phantom, compressed (JPEG Lossless SV1 by dcmtk, JPEG 2000 lossless by pydicom) as PACS store it, goes to
+the node, which makes its SEG and SR and serves all three from its own DICOMweb
 server.  One small HTTP server in this process serves the prebuilt OHIF viewer (`@ohif/app`'s dist/,
 installed by tests/ohif/install.sh) with an app-config.js that has a single DICOMweb data source, and
 reverse-proxies the node's DICOMweb root under the same origin (adding the viewer's bearer token), so
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
+import pydicom
 import pytest
 import requests
-from conftest import free_port, storescu
+from conftest import dcmtk, free_port, storescu
+from pydicom import uid
 
 from dicom_ai_node.phantoms import CTPhantom
 
@@ -272,9 +275,32 @@ def database_url(tmp_path) -> str:
 TOKEN = "ohif-viewer-test-token"
 
 
-@pytest.fixture
-def processed_study(node_factory, tmp_path) -> dict:
-    """A CT the node received and processed, served by the node's own DICOMweb with its SEG and SR."""
+# How the CT reaches the node: compressed as PACS and scanners store it (the viewer then gets each frame's
+# stored bitstream, PS3.18 §8.7), with the storescu option proposing that transfer syntax.
+COMPRESSIONS = {
+    "jpeg-lossless": (("dcmcjpeg", "+e1"), "-xs"),
+    "jpeg-2000": ((uid.JPEG2000Lossless,), "-xv"),
+}
+
+
+def compress(files: list[Path], folder: Path, how: tuple) -> list[Path]:
+    folder.mkdir()
+    compressed = []
+    for path in files:
+        target = folder / path.name
+        if how[0] == uid.JPEG2000Lossless:
+            ds = pydicom.dcmread(path)
+            ds.compress(uid.JPEG2000Lossless, encoding_plugin="pylibjpeg")
+            ds.save_as(target, enforce_file_format=True)
+        else:
+            subprocess.run([dcmtk(how[0]), *how[1:], str(path), str(target)], check=True, capture_output=True)
+        compressed.append(target)
+    return compressed
+
+
+@pytest.fixture(params=list(COMPRESSIONS))
+def processed_study(request, node_factory, tmp_path) -> dict:
+    """A compressed CT the node received and processed, served by the node's own DICOMweb with its SEG and SR."""
     web_port = free_port()
     node = node_factory(
         workers={"processes": 1},
@@ -283,7 +309,9 @@ def processed_study(node_factory, tmp_path) -> dict:
     )
     node.start()
     phantom = CTPhantom(slices=40, rows=128, columns=128, pixel_spacing=(3.0, 3.0), slice_spacing=5.0)
-    sent = storescu(node.port, *phantom.write(tmp_path / "ct"))
+    how, option = COMPRESSIONS[request.param]
+    files = compress(phantom.write(tmp_path / "ct"), tmp_path / request.param, how)
+    sent = storescu(node.port, *files, extra=["-R", option])
     assert sent.returncode == 0, sent.stderr
     node.wait_for(lambda: node.json("jobs", "--state", "done"), timeout=180, what="SEG and SR made")
     root = f"http://127.0.0.1:{web_port}/dicom-web"
@@ -325,7 +353,7 @@ def test_ohif_shows_the_seg_over_the_ct(processed_study):
 
     overlay = overlay_pixels(screenshot, report["viewport"])
     summary = f"{overlay}\nscreenshot: {screenshot}"
-    assert overlay["body_pixels"] >= 20_000, f"no CT in the viewport: {summary}"
+    assert overlay["body_pixels"] >= 20_000, f"no CT in the viewport (black: its frames were not decoded): {summary}"
     assert overlay["overlay_fraction"] >= 0.8, f"the Body segment does not cover the body: {summary}"
     assert len(overlay["flat_colours"]) >= 3, f"fewer than 3 segment colours in the viewport: {summary}"
     assert all(r > g > b for (r, g, b), _ in overlay["flat_colours"]), \
