@@ -144,7 +144,8 @@ def test_stow_then_qido_finds_it_and_wado_returns_identical_files(web_node: Node
 
     (metadata,) = requests.get(instance_url + "/metadata", headers=AUTH).json()
     assert value(metadata, "00280030") == 10.0 and value(metadata, "00280100") == 16  # PixelSpacing, BitsAllocated
-    assert "7FE00010" not in metadata and value(metadata, "00020010") == ds.file_meta.TransferSyntaxUID
+    assert metadata["7FE00010"] == {"vr": "OW", "BulkDataURI": instance_url + "/bulkdata/7FE00010"}
+    assert value(metadata, "00020010") == ds.file_meta.TransferSyntaxUID
     assert len(requests.get(f"{dicomweb(web_node)}/studies/{study}/series/{series}/metadata", headers=AUTH).json()) == 6
 
     frames = requests.get(instance_url + "/frames/1", headers=AUTH)
