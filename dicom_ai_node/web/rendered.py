@@ -35,11 +35,11 @@ from dicom_ai_node.web.problem import HTTPProblem
 # PS3.18 Table 8.7.4-1: image/jpeg is the default Rendered Media Type, png and gif are required.
 RENDERED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif")
 _PIL_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
-DEFAULT_QUALITY = 90  # JPEG quality when the request has no `quality` (PS3.18 §8.3.5.1.3 leaves it to the server)
+DEFAULT_QUALITY = 90  # JPEG quality when the request has no `quality` (PS3.18 §8.3.5.1 leaves it to the server)
 MAX_VIEWPORT = 4096  # pixels, each side: a bigger viewport would only cost memory and time
 MAX_RENDERED_IMAGES = 1000  # per response: a 200-slice CT series fits; a bigger one is asked for per series/instance
 THUMBNAIL_SIZE = 128  # pixels: a thumbnail without `viewport` fits in this square (never enlarged)
-_WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.18 §8.3.5.1.4, PS3.3 C.11.2.1.2-3
+_WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.18 §8.3.5.1, PS3.3 C.11.2.1.2-3
 _HEADER_ONLY = 1 << 16  # values longer than this stay in the file while a header is read
 
 # Archive.files: the stored files of a study, series or instance, in order.
@@ -57,7 +57,7 @@ class Window:
 
 @dataclass(frozen=True)
 class Viewport:
-    """PS3.18 §8.3.5.1.5: the viewport's size and the source region (sw, sh negative: flipped)."""
+    """PS3.18 §8.3.5.1: the viewport's size and the source region (sw, sh negative: flipped)."""
 
     width: int
     height: int
@@ -103,7 +103,7 @@ def _number(text: str, what: str) -> float:
 
 
 def _window(text: str) -> Window:
-    """`window=center,width,function` (PS3.18 §8.3.5.1.4)."""
+    """`window=center,width,function` (PS3.18 §8.3.5.1)."""
     items = text.split(",")
     if len(items) != 3:
         raise HTTPProblem(400, f"window={text[:60]!r}: expected window=center,width,function, "
@@ -119,7 +119,7 @@ def _window(text: str) -> Window:
 
 
 def _viewport(text: str, thumbnail: bool = False) -> Viewport:
-    """`viewport=vw,vh[,sx,sy,sw,sh]`, the source values each optional (PS3.18 §8.3.5.1.5)."""
+    """`viewport=vw,vh[,sx,sy,sw,sh]`, the source values each optional (PS3.18 §8.3.5.1)."""
     items = [item.strip() for item in text.split(",")]
     usage = "viewport=vw,vh" if thumbnail else "viewport=vw,vh or viewport=vw,vh,sx,sy,sw,sh"
     if len(items) not in ((2,) if thumbnail else (2, 6)):
@@ -143,7 +143,7 @@ def _viewport(text: str, thumbnail: bool = False) -> Viewport:
 
 
 def _quality(text: str) -> int:
-    """`quality` is an integer from 1 to 100 (PS3.18 §8.3.5.1.3); it matters for image/jpeg only."""
+    """`quality` is an integer from 1 to 100 (PS3.18 §8.3.5.1); it matters for image/jpeg only."""
     if not re.fullmatch(r"[0-9]{1,3}", text) or not 1 <= int(text) <= 100:
         raise HTTPProblem(400, f"quality={text[:20]!r}: expected an integer from 1 to 100")
     return int(text)
@@ -392,7 +392,7 @@ def _apply_window(values: np.ndarray, window: Window) -> np.ndarray:
 
 def _fit(image: np.ndarray, options: RenderOptions) -> np.ndarray:
     """The source region (flipped when sw or sh is negative), scaled to fit the viewport with its aspect
-    ratio kept (PS3.18 §8.3.5.1.5); a thumbnail without viewport fits THUMBNAIL_SIZE, never enlarged."""
+    ratio kept (PS3.18 §8.3.5.1); a thumbnail without viewport fits THUMBNAIL_SIZE, never enlarged."""
     viewport = options.viewport
     if viewport is None:
         if not options.thumbnail or max(image.shape[:2]) <= THUMBNAIL_SIZE:
