@@ -275,7 +275,7 @@ def test_refusals(archive: Archive):
     assert archive.get(url, "video/mp4").status_code == 406
     assert archive.get(url, "image/png", accept="image/jpeg").headers["content-type"] == "image/jpeg"  # query wins
     for bad in ({"window": "40,400"}, {"window": "40,0,linear"}, {"window": "a,400,linear"},
-                {"window": "40,400,cubic"}, {"viewport": "0,10"}, {"viewport": "10"}, {"viewport": "10,10,1,2"},
+                {"window": "40,400,cubic"}, {"viewport": "0,10"}, {"viewport": "5000,5000"}, {"viewport": "10"}, {"viewport": "10,10,1,2"},
                 {"viewport": "10,10,100,0,,"}, {"quality": "0"}, {"quality": "high"}):
         response = archive.get(url, "image/png", **bad)
         assert response.status_code == 400 and response.json()["error"], bad

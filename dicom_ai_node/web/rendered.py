@@ -234,11 +234,8 @@ def image_frames(paths: Sequence[Path], frame_numbers: Sequence[int] | None = No
         if not header.frames:
             raise HTTPProblem(406, f"this instance (SOP Class {header.sop_class_uid}) has no pixel data; "
                                    "the node renders images only (retrieve it as application/dicom instead)")
-        numbers = list(range(1, header.frames + 1)) if frame_numbers is None else list(frame_numbers)
-        for number in numbers:
-            if number > header.frames:
-                raise HTTPProblem(404, f"frame {number} does not exist: the instance has {header.frames} frame(s)")
-        refs = [FrameRef(paths[0], number - 1) for number in numbers]
+        numbers = range(1, header.frames + 1) if frame_numbers is None else frame_numbers
+        refs = [_frame(paths[0], header, number) for number in numbers]
     else:
         refs = []
         for path in paths:
@@ -248,6 +245,13 @@ def image_frames(paths: Sequence[Path], frame_numbers: Sequence[int] | None = No
             raise HTTPProblem(406, "nothing here has pixel data (structured reports and the like): nothing to render")
     _check_bound(len(refs))
     return refs
+
+
+def _frame(path: Path, header: ImageHeader, number: int) -> FrameRef:
+    """Frame `number` (1-based) of the instance; 404 beyond its last frame."""
+    if number > header.frames:
+        raise HTTPProblem(404, f"frame {number} does not exist: the instance has {header.frames} frame(s)")
+    return FrameRef(path, number - 1)
 
 
 def _check_bound(count: int) -> None:
@@ -265,12 +269,7 @@ def representative_frame(paths: Sequence[Path], frame_numbers: Sequence[int] | N
     for path in (paths[position] for position in by_distance):
         header = image_header(path)
         if header.frames:
-            if frame_numbers:
-                if frame_numbers[0] > header.frames:
-                    raise HTTPProblem(404, f"frame {frame_numbers[0]} does not exist: "
-                                           f"the instance has {header.frames} frame(s)")
-                return FrameRef(path, frame_numbers[0] - 1)
-            return FrameRef(path, header.frames // 2)
+            return _frame(path, header, frame_numbers[0] if frame_numbers else header.frames // 2 + 1)
     raise HTTPProblem(406, "nothing here has pixel data (structured reports and the like): no thumbnail")
 
 
