@@ -31,6 +31,14 @@ from dicom_ai_node.web.metrics import DicomRefusals, Metrics
 from dicom_ai_node.web.multipart import MultipartError, parse_multipart
 from dicom_ai_node.web.problem import HTTPProblem, problem_response
 from dicom_ai_node.web.qido import Qido, Query
+from dicom_ai_node.web.rendered import (
+    RenderOptions,
+    acceptable,
+    negotiate,
+    rendered_frames,
+    rendered_response,
+    thumbnail_frame,
+)
 from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
 from dicom_ai_node.web.bulkdata import parse_bulk_path
 from dicom_ai_node.web.transcode import stored_pixels
@@ -240,6 +248,24 @@ def create_app(
             raise HTTPProblem(404, "no such instance")
         return await run_in_threadpool(bulkdata_response, request, paths[0], steps, str(request.url))
 
+    def rendering(thumbnail: bool):
+        """Retrieve Rendered (PS3.18 §10.4.1.1.3) or Thumbnail (§10.4.1.1.4) of a study, series, instance or frames."""
+
+        async def endpoint(request: Request) -> Response:
+            auth.caller(request, write=False)
+            params = uids(request)
+            options = RenderOptions.from_query(request.query_params, thumbnail=thumbnail)
+            numbers = frame_numbers(request.path_params["frames"]) if "frames" in request.path_params else None
+            accept = acceptable(request.query_params, request.headers.get("accept"))
+            target = (archive.files, params["study"], params.get("series"), params.get("instance"), numbers)
+            if thumbnail:
+                refs = [await run_in_threadpool(thumbnail_frame, *target)]
+            else:
+                refs = await run_in_threadpool(rendered_frames, *target)
+            return await run_in_threadpool(rendered_response, refs, options, negotiate(accept, len(refs)))
+
+        return endpoint
+
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
@@ -276,6 +302,11 @@ def create_app(
         Route(f"{base}{instance}/metadata", metadata, methods=["GET"]),
         Route(f"{base}{instance}/frames/{{frames}}", retrieve_frames, methods=["GET"]),
         Route(f"{base}{instance}/bulkdata/{{path:path}}", retrieve_bulkdata, methods=["GET"]),
+        *(
+            Route(f"{base}{resource}/{kind}", rendering(thumbnail=kind == "thumbnail"), methods=["GET"])
+            for resource in (study, series, instance, f"{instance}/frames/{{frames}}")
+            for kind in ("rendered", "thumbnail")
+        ),
     ]
     middleware = [Middleware(_BoundedURL)]
     if settings.cors_origins:
