@@ -85,9 +85,8 @@ def _backfill_series(engine: Engine, root: Path, series_id: int, study_id: int, 
                 connection.execute(RequestAttribute.__table__.insert(), items)
             for column, keyword in _STUDY_KEYWORDS.items():  # only where still NULL: never overwrite ingest's
                 if (value := _text(ds, keyword)) is not None:
-                    connection.execute(
-                        update(Study).where(Study.id == study_id, getattr(Study, column).is_(None)).values({column: value})
-                    )
+                    still_null = getattr(Study, column).is_(None)
+                    connection.execute(update(Study).where(Study.id == study_id, still_null).values({column: value}))
         connection.execute(update(Series).where(Series.id == series_id).values(values))
 
 

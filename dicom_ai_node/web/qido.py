@@ -14,6 +14,7 @@ hold is read from the header of a stored file of that level.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy import ColumnElement, Engine, Row, and_, exists, func, or_, select
 from starlette.requests import Request
@@ -39,6 +41,7 @@ _series = Series.__table__
 _instances = Instance.__table__
 _results = ResultObject.__table__
 _requests = RequestAttribute.__table__
+log = logging.getLogger(__name__)
 
 STUDY, SERIES, INSTANCE = 0, 1, 2
 LEVEL_NAMES = {STUDY: "studies", SERIES: "series", INSTANCE: "instances"}
@@ -79,8 +82,7 @@ _REQUEST_ITEM_COLUMNS = {
 
 FUZZY_WARNING = "The fuzzymatching parameter is not supported. Only literal matching has been performed."
 
-# Integer value representations and the values they hold (PS3.5 6.2): a query value outside them is a 400.
-_INTEGER_VRS = {"IS": (-(2**31), 2**31 - 1)}
+_IS_RANGE = (-(2**31), 2**31 - 1)  # what an IS value holds (PS3.5 6.2), and the index's integers: else a 400
 _PAGING = (0, 2**63 - 1)  # limit and offset: SQLite's and PostgreSQL's BIGINT
 _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")  # DICOM strings hold no control characters but ESC
 _DATE = r"[0-9]{8}"
@@ -197,7 +199,7 @@ def _checked(path: str, value: str) -> str:
     """`value` of matching key `path` if its form fits the key's matching type; else 400 saying which form."""
     kind = MATCHING_KEYS[path][1]
     if kind == "integer":
-        return str(_integer(path, value, *_INTEGER_VRS["IS"]))
+        return str(_integer(path, value, *_IS_RANGE))
     if kind == "date" and not re.fullmatch(f"{_DATE}|{_DATE}-|-{_DATE}|{_DATE}-{_DATE}", value):
         raise HTTPProblem(400, f"{path} {value[:40]!r}: use YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-")
     if kind == "time" and not re.fullmatch(f"{_TIME}|{_TIME}-|-{_TIME}|{_TIME}-{_TIME}", value):
@@ -468,10 +470,11 @@ class Qido:
     def _with_included(self, found: dict[str, Any], query: Query, path: str | None, level: int) -> dict[str, Any]:
         """`found` with the attributes `includefield` (or universal matching) asked for and the index lacks,
         read from the header of `path` (a stored file of the result's level)."""
-        if not _wants_more(query) or path is None:
+        missing = {f"{tag_for_keyword(keyword):08X}" for keyword in query.include} - found.keys()
+        if not (missing or query.include_all) or path is None:
             return found
         header = _header_json(self.root / path)
-        wanted = {f"{tag_for_keyword(keyword):08X}" for keyword in query.include}
+        wanted = set(missing)
         if query.include_all:
             excluded = _NEVER_ALL | (_SERIES_ONLY | _INSTANCE_ONLY if level == STUDY else set()) | (
                 _INSTANCE_ONLY if level == SERIES else set())
@@ -563,9 +566,33 @@ def _produced_series_fields(path: Path) -> dict[str, Any]:
 
 
 def _read(path: Path) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True)
+    """The header of a stored file; empty if it is gone (purged while the query ran) or unreadable, so the
+    answer lacks what only the file holds rather than failing.  Not cached then: lru_cache keeps no exception."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as exc:
+        log.warning("QIDO-RS: cannot read the header of %s: %s", path, exc)
+        raise _Unreadable from exc
+
+
+class _Unreadable(Exception):
+    """A stored file whose header cannot be read."""
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    try:
+        return _cached_summary(path)
+    except _Unreadable:
+        return {**dict.fromkeys(_PRODUCED_FIELDS), "RequestAttributesSequence": []}
+
+
+def _header_json(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return _cached_header_json(path)
+    except _Unreadable:
+        return {}
 
 
 def _plain(value: Any) -> Any:
@@ -577,7 +604,7 @@ def _plain(value: Any) -> Any:
 
 
 @lru_cache(maxsize=4096)
-def _summary(path: Path) -> dict[str, Any]:
+def _cached_summary(path: Path) -> dict[str, Any]:
     """Series and image attributes of a file whose row lacks them (a result, an image indexed before 0008).
 
     Stored files never change, so the few values are cached (small: a dozen values per file).
@@ -593,7 +620,7 @@ def _summary(path: Path) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=128)
-def _header_json(path: Path) -> dict[str, dict[str, Any]]:
+def _cached_header_json(path: Path) -> dict[str, dict[str, Any]]:
     """Tag -> {"keyword", "json"} of every attribute in the file's header, for includefield.
 
     Bounded: no pixel data (stop_before_pixels), binary values over 1 KiB left out, 128 files cached.
