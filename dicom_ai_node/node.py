@@ -21,6 +21,7 @@ from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
 from dicom_ai_node.routing.router import Router
 from dicom_ai_node.series.completion import SeriesCompletion
+from dicom_ai_node.store.backfill import backfill_query_attributes
 from dicom_ai_node.store.db import make_engine, require_current_schema
 from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
@@ -90,6 +91,7 @@ class Node:
             self.scp.bind()
             self.web.bind()
             reconcile(self.engine, self.config.storage.path, self._max_in_flight())  # before anyone is served
+            backfill_query_attributes(self.engine, self.config.storage.path)  # rows indexed before migration 0008
             requeued = self.queue.requeue_interrupted()
             if requeued:
                 log.warning("%d job(s) interrupted by the last shutdown are queued again", requeued)

@@ -37,6 +37,18 @@ class InstanceHeader:
     rows: int | None = None
     columns: int | None = None
     number_of_frames: int | None = None
+    # QIDO-RS matching keys and return attributes (PS3.18 Tables 10.6.1-5, 10.6.3-x)
+    study_id: str | None = None
+    referring_physician_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    timezone_offset_from_utc: str | None = None
+    specific_character_set: str | None = None
+    performed_procedure_step_start_date: str | None = None
+    performed_procedure_step_start_time: str | None = None
+    # (Scheduled Procedure Step ID, Requested Procedure ID) of each Request Attributes Sequence item
+    request_attributes: tuple[tuple[str | None, str | None], ...] = ()
+    bits_allocated: int | None = None
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,8 @@ def test_stow_then_qido_finds_it_and_wado_returns_identical_files(web_node: Node
                      {"offset": "1"}):
         assert qido(web_node, "/studies", **matching) == [], matching
 
-    unsupported = requests.get(dicomweb(web_node) + "/studies", params={"StudyDescription": "x*"}, headers=AUTH)
-    assert unsupported.status_code == 200 and "StudyDescription" in unsupported.headers["warning"]
+    unsupported = requests.get(dicomweb(web_node) + "/studies", params={"InstitutionName": "x*"}, headers=AUTH)
+    assert unsupported.status_code == 400 and "InstitutionName" in unsupported.json()["error"]  # never ignored
     assert requests.get(dicomweb(web_node) + "/studies", params={"limit": "x"}, headers=AUTH).status_code == 400
 
     (found,) = qido(web_node, f"/studies/{study}/series")

@@ -18,7 +18,16 @@ from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_ai_node.events import EventKind, Level
-from dicom_ai_node.store.models import Event, Instance, RefusedInstance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import (
+    Event,
+    Instance,
+    RefusedInstance,
+    RequestAttribute,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,7 @@ _series = Series.__table__
 _instances = Instance.__table__
 _events = Event.__table__
 _refused = RefusedInstance.__table__
+_request_attributes = RequestAttribute.__table__
 
 _SERIES_CACHE_SIZE = 10_000
 
@@ -70,12 +80,41 @@ def _copy_fields(header: InstanceHeader, sender: Sender, file_size: int, now: dt
         "rows": header.rows,
         "columns": header.columns,
         "number_of_frames": header.number_of_frames,
+        "bits_allocated": header.bits_allocated,
         "file_size": file_size,
         "received_at": now,
         "calling_ae_title": sender.ae_title,
         "calling_host": sender.host,
         "source": sender.source,
     }
+
+
+def study_query_attributes(header: InstanceHeader) -> dict[str, str | None]:
+    """The columns of a study row QIDO-RS matches and returns beyond the core ones (PS3.18 10.6.1-5, 10.6.3-3)."""
+    return {
+        "study_id": header.study_id,
+        "referring_physician_name": header.referring_physician_name,
+        "patient_birth_date": header.patient_birth_date,
+        "patient_sex": header.patient_sex,
+        "timezone_offset_from_utc": header.timezone_offset_from_utc,
+        "specific_character_set": header.specific_character_set,
+    }
+
+
+def series_query_attributes(header: InstanceHeader) -> dict[str, object]:
+    """The columns of a series row QIDO-RS matches beyond the core ones (PS3.18 10.6.1-5)."""
+    return {
+        "performed_procedure_step_start_date": header.performed_procedure_step_start_date,
+        "performed_procedure_step_start_time": header.performed_procedure_step_start_time,
+        "query_attributes_indexed": True,
+    }
+
+
+def request_attribute_rows(series_id: int, header: InstanceHeader) -> list[dict[str, object]]:
+    return [
+        {"series_id": series_id, "scheduled_procedure_step_id": step, "requested_procedure_id": procedure}
+        for step, procedure in header.request_attributes
+    ]
 
 
 def _count_duplicate(connection: Connection, series_id: int) -> None:
@@ -249,6 +288,7 @@ class Index:
                 study_date=header.study_date,
                 study_time=header.study_time,
                 study_description=header.study_description,
+                **study_query_attributes(header),
                 created_at=now,
             )
             .on_conflict_do_nothing(index_elements=["study_instance_uid"])
@@ -265,6 +305,7 @@ class Index:
                 body_part_examined=header.body_part_examined,
                 series_description=header.series_description,
                 series_number=header.series_number,
+                **series_query_attributes(header),
                 state=SeriesState.RECEIVING.value,
                 first_received_at=now,
                 last_received_at=now,
@@ -275,6 +316,8 @@ class Index:
             .on_conflict_do_nothing(index_elements=["series_instance_uid"])
         ).rowcount
         row = connection.execute(self._find_series, key).one()
+        if created and header.request_attributes:
+            connection.execute(_request_attributes.insert(), request_attribute_rows(row.id, header))
         if not created:  # created in this transaction: cached only once it is committed (next instance)
             self._remember_series(header.series_instance_uid, row.id)
         return row.id, bool(created)

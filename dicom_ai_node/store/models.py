@@ -79,9 +79,19 @@ class Study(Base):
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_time: Mapped[str | None] = mapped_column(String(16))
     study_description: Mapped[str | None] = mapped_column(String(64))
+    # QIDO-RS matching keys and return attributes (PS3.18 Tables 10.6.1-5, 10.6.3-3); since 0008.  Wider than
+    # their VRs allow: a sender's over-long value must not make PostgreSQL refuse the instance.
+    study_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(64))
+    patient_sex: Mapped[str | None] = mapped_column(String(64))
+    timezone_offset_from_utc: Mapped[str | None] = mapped_column(String(64))
+    specific_character_set: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
+
+    __table_args__ = (Index("ix_studies_patient_id", "patient_id"), Index("ix_studies_study_date", "study_date"))
 
 
 class Series(Base):
@@ -103,6 +113,12 @@ class Series(Base):
     reprocess_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     late_instances: Mapped[int] = mapped_column(Integer, default=0)
     duplicates_received: Mapped[int] = mapped_column(Integer, default=0)
+    # QIDO-RS series matching keys (PS3.18 Table 10.6.1-5); since 0008.
+    performed_procedure_step_start_date: Mapped[str | None] = mapped_column(String(64))
+    performed_procedure_step_start_time: Mapped[str | None] = mapped_column(String(64))
+    # NULL on rows indexed before 0008 until the start-up backfill has read their attributes from a file
+    # (store/backfill.py); True for every series indexed since.
+    query_attributes_indexed: Mapped[bool | None] = mapped_column(Boolean, default=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -123,6 +139,9 @@ class Instance(Base):
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    # QIDO-RS instance return attribute (PS3.18 Table 10.6.3-5); NULL on images indexed before 0008 (read
+    # from the file when asked).
+    bits_allocated: Mapped[int | None] = mapped_column(Integer)
     file_path: Mapped[str] = mapped_column(String(512))
     file_size: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -131,6 +150,18 @@ class Instance(Base):
     source: Mapped[str] = mapped_column(String(16), default="dimse")
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class RequestAttribute(Base):
+    """One item of a series' Request Attributes Sequence (0040,0275): QIDO-RS sequence matching
+    (PS3.4 C.2.2.2.6) needs both IDs of the same item together, so each item is a row."""
+
+    __tablename__ = "request_attributes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    scheduled_procedure_step_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class RefusedInstance(Base):

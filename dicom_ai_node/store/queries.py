@@ -90,7 +90,8 @@ def study_state(series_states: list[str]) -> str:
 
 def all_series(with_results: bool = True) -> Subquery:
     """Every series received and, `with_results`, those only the node produced (its SEG and SR in
-    `result_objects`), as one selectable; a produced series has no id, number, description, state or arrival."""
+    `result_objects`), as one selectable; a produced series has no id, number, description, state, arrival or
+    performed procedure step (QIDO-RS reads what it needs of those from its file)."""
     counts = select(func.count()).where(_instances.c.series_id == _series.c.id).scalar_subquery()
     received = select(
         _series.c.id.label("series_id"),
@@ -102,6 +103,8 @@ def all_series(with_results: bool = True) -> Subquery:
         _series.c.state.label("state"),
         _series.c.last_received_at.label("last_received_at"),
         counts.label("instances"),
+        _series.c.performed_procedure_step_start_date.label("performed_procedure_step_start_date"),
+        _series.c.performed_procedure_step_start_time.label("performed_procedure_step_start_time"),
         literal(False).label("produced"),
     ).join(_studies, _studies.c.id == _series.c.study_id)
     if not with_results:
@@ -117,6 +120,8 @@ def all_series(with_results: bool = True) -> Subquery:
             cast(null(), String),
             cast(null(), DateTime),
             func.count(),
+            cast(null(), String),
+            cast(null(), String),
             literal(True),
         )
         .where(_results.c.series_instance_uid.not_in(select(_series.c.series_instance_uid)))
@@ -179,10 +184,16 @@ def all_instances() -> Subquery:
             _instances.c.rows.label("rows"),
             _instances.c.columns.label("columns"),
             _instances.c.number_of_frames.label("number_of_frames"),
+            _instances.c.bits_allocated.label("bits_allocated"),
             _instances.c.file_path.label("file_path"),
             _series.c.series_instance_uid.label("series_uid"),
             _studies.c.study_instance_uid.label("study_uid"),
             _series.c.modality.label("modality"),
+            _series.c.id.label("series_id"),
+            _series.c.series_number.label("series_number"),
+            _series.c.series_description.label("series_description"),
+            _series.c.performed_procedure_step_start_date.label("performed_procedure_step_start_date"),
+            _series.c.performed_procedure_step_start_time.label("performed_procedure_step_start_time"),
             literal(False).label("produced"),
         )
         .join(_series, _series.c.id == _instances.c.series_id)
@@ -195,10 +206,16 @@ def all_instances() -> Subquery:
         cast(null(), Integer),
         cast(null(), Integer),
         cast(null(), Integer),
+        cast(null(), Integer),
         _results.c.file_path,
         _results.c.series_instance_uid,
         _results.c.study_instance_uid,
         _results.c.kind,
+        cast(null(), Integer),
+        cast(null(), Integer),
+        cast(null(), String),
+        cast(null(), String),
+        cast(null(), String),
         literal(True),
     ).where(_results.c.sop_instance_uid.not_in(select(_instances.c.sop_instance_uid)))
     return union_all(received, produced).subquery("all_instances")

@@ -26,11 +26,12 @@ from dicom_ai_node.errors import NodeError
 from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.values import Sender
+from dicom_ai_node.web.bulkdata import parse_bulk_path
 from dicom_ai_node.web.dicom_json import DICOM_JSON
 from dicom_ai_node.web.metrics import DicomRefusals, Metrics
 from dicom_ai_node.web.multipart import MultipartError, parse_multipart
 from dicom_ai_node.web.problem import HTTPProblem, problem_response
-from dicom_ai_node.web.qido import Qido, Query
+from dicom_ai_node.web.qido import LEVEL_NAMES, Qido, Query
 from dicom_ai_node.web.rendered import (
     RenderOptions,
     acceptable,
@@ -40,7 +41,6 @@ from dicom_ai_node.web.rendered import (
     thumbnail_frame,
 )
 from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
-from dicom_ai_node.web.bulkdata import parse_bulk_path
 from dicom_ai_node.web.transcode import stored_pixels
 from dicom_ai_node.web.wado import (
     Archive,
@@ -196,9 +196,11 @@ def create_app(
         return stow_response(result, base_url(request), study_uid)
 
     def search(level: str):
+        search_level = {name: number for number, name in LEVEL_NAMES.items()}[level]
+
         async def endpoint(request: Request) -> Response:
             auth.caller(request, write=False)
-            query = Query.from_request(request, settings.qido_max_results)
+            query = Query.from_request(request, settings.qido_max_results, search_level)
             params = uids(request)
             if level == "studies":
                 found = await run_in_threadpool(qido.search_studies, query, base_url(request))
@@ -208,7 +210,7 @@ def create_app(
                 found = await run_in_threadpool(
                     qido.search_instances, query, base_url(request), params.get("study"), params.get("series")
                 )
-            warning = query.warning()
+            warning = query.warning(base_url(request))
             return JSONResponse(found, media_type=DICOM_JSON, headers={"Warning": warning} if warning else None)
 
         return endpoint

@@ -14,8 +14,19 @@ def tag(keyword: str) -> str:
     return f"{tag_for_keyword(keyword):08X}"
 
 
+_NAME_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def person_name(value: str) -> dict[str, str]:
+    """A PN value in the JSON model (PS3.18 F.2.2): its `=`-separated component groups by name, empty ones left out."""
+    return {group: text for group, text in zip(_NAME_GROUPS, value.split("=")) if text}
+
+
 def dicom_json(values: dict[str, Any]) -> dict[str, Any]:
-    """Keyword -> value(s) to the DICOM JSON model; None or empty gives the attribute without Value."""
+    """Keyword -> value(s) to the DICOM JSON model; None or empty gives the attribute without Value.
+
+    A sequence's value is a list of keyword -> value dicts, one per item.
+    """
     result: dict[str, Any] = {}
     for keyword, value in values.items():
         vr = "UR" if keyword == "RetrieveURL" else dictionary_VR(keyword)
@@ -23,7 +34,9 @@ def dicom_json(values: dict[str, Any]) -> dict[str, Any]:
         element: dict[str, Any] = {"vr": vr}
         if items:
             if vr == "PN":
-                items = [{"Alphabetic": str(item)} for item in items]
+                items = [person_name(str(item)) for item in items]
+            elif vr == "SQ":
+                items = [dicom_json(item) for item in items]
             elif vr in ("IS", "US", "UL", "SL", "SS"):
                 items = [int(item) for item in items]
             element["Value"] = items
