@@ -10,6 +10,7 @@ Rows x Columns x Samples x Bits Allocated x Frames says.
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 import zlib
@@ -21,10 +22,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_ai_node.store.files import InvalidUID, validate_uid
 from dicom_ai_node.values import InstanceHeader
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+MAX_UID_LENGTH = 64  # PS3.5 §6.2, VR UI; also the index's UID columns
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _OTHER_PIXEL_DATA = (Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))  # Float / Double Float Pixel Data
 _ITEM = (0xFFFE, 0xE000)
@@ -235,10 +237,16 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         value = _text(ds, keyword)
         if value is None:
             raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, f"dataset lacks {keyword} (0020/0008 Type 1 attribute)")
-        try:
-            uids[keyword] = validate_uid(value, keyword)
-        except InvalidUID as exc:
-            raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
+        # Kept exactly as sent even when it is not a valid UID (real anonymised data has 64 hex characters):
+        # it never names a file (store/files.py path_component).  Longer than the UI maximum it fits no index;
+        # a control character (a line feed) is a corrupt value that would forge log lines.
+        if len(value) > MAX_UID_LENGTH or _CONTROL.search(value):
+            raise RejectedDataset(
+                DOES_NOT_MATCH_SOP_CLASS,
+                f"{keyword} is not a valid UID, nor one the node can keep (at most {MAX_UID_LENGTH} characters, "
+                f"none a control character; PS3.5 §6.2, VR UI): {value[:80]!r}",
+            )
+        uids[keyword] = value
     if affected_sop_instance_uid and affected_sop_instance_uid.strip() != uids["SOPInstanceUID"]:
         raise RejectedDataset(
             DOES_NOT_MATCH_SOP_CLASS,
