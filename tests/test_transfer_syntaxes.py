@@ -8,6 +8,7 @@ each in its own syntax.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import subprocess
 import zlib
 from pathlib import Path
@@ -179,18 +180,27 @@ def test_every_syntax_loads_the_same_volume(node_factory, syntax_series):
         assert 0 < error.max() <= tolerance, f"{name}: largest error {error.max()} HU"
 
 
+def _hex_uid(*parts: str) -> str:
+    """A "UID" of 64 hex characters, as some anonymisers write them (and pydicom-data's bad_sequence.dcm has)."""
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_compressed_series_gives_the_same_seg_as_uncompressed(node_factory, tmp_path):
-    """End to end through the built-in model: a JPEG 2000 lossless series and the same series
-    uncompressed give SEGs with identical segments."""
+    """End to end through the built-in model: a JPEG 2000 lossless copy of a series gives a SEG with the
+    same segments as the uncompressed series.  The copy's UIDs are 64 hex characters (issue 10.8b): its
+    results are made all the same, referencing the UIDs as sent, and stored under the study's digest folder."""
     node = node_factory(workers={"processes": 1})
     node.start()
     plain = CTPhantom(slices=8, rows=64, columns=64, pixel_spacing=(5.0, 5.0), slice_spacing=5.0, noise_hu=10)
-    j2k = dataclasses.replace(plain, series_uid=uid.generate_uid(), series_number=2)
+    j2k = dataclasses.replace(plain, study_uid=_hex_uid(plain.study_uid), series_uid=_hex_uid(plain.series_uid))
     assert storescu(node.port, *plain.write(tmp_path / "plain")).returncode == 0
     (tmp_path / "j2k").mkdir()
     encoded = []
     for source in j2k.write(tmp_path / "j2k-source"):
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _hex_uid(ds.SOPInstanceUID)
+        ds.save_as(source)
         _encode(source, tmp_path / "j2k" / source.name, ("pydicom", uid.JPEG2000Lossless))
         encoded.append(tmp_path / "j2k" / source.name)
     assert storescu(node.port, *encoded, extra=["-xv"]).returncode == 0
@@ -201,11 +211,13 @@ def test_compressed_series_gives_the_same_seg_as_uncompressed(node_factory, tmp_
     for job in jobs:
         (seg,) = [r for r in node.json("job", "show", str(job["id"]))["results"] if r["kind"] == "SEG"]
         ds = pydicom.dcmread(node.storage / seg["file_path"])
-        segs[ds.ReferencedSeriesSequence[0].SeriesInstanceUID] = ds
-    plain_seg, j2k_seg = segs[plain.series_uid], segs[j2k.series_uid]
+        segs[ds.ReferencedSeriesSequence[0].SeriesInstanceUID] = ds, seg["file_path"]
+    (plain_seg, _), (j2k_seg, j2k_path) = segs[plain.series_uid], segs[j2k.series_uid]
+    assert j2k_seg.StudyInstanceUID == j2k.study_uid
+    assert j2k_path.startswith(f"sha256-{hashlib.sha256(j2k.study_uid.encode()).hexdigest()}/")
     assert [s.SegmentLabel for s in j2k_seg.SegmentSequence] == [s.SegmentLabel for s in plain_seg.SegmentSequence]
     assert plain_seg.pixel_array.any()
     assert np.array_equal(j2k_seg.pixel_array, plain_seg.pixel_array)
-    frame_positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in plain_seg.PerFrameFunctionalGroupsSequence]
+    positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in plain_seg.PerFrameFunctionalGroupsSequence]
     assert [f.PlanePositionSequence[0].ImagePositionPatient for f in j2k_seg.PerFrameFunctionalGroupsSequence] \
-        == frame_positions
+        == positions
