@@ -80,7 +80,7 @@ def test_retired_and_private_classes_are_stored_by_cstore_and_stow(node_factory,
     private = [_private(tmp_path, f"private{i}.dcm", slices[i]) for i in range(2)]
 
     result = storescu(node.port, us, extra=["-R"])  # -R: propose the file's own SOP class
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + node.log()[-3000:]
     assert _send_private(node, private) == [0x0000, 0x0000]
 
     client = DICOMwebClient(dicomweb(node), headers=AUTH)
@@ -110,6 +110,7 @@ def test_retired_and_private_classes_are_stored_by_cstore_and_stow(node_factory,
                   what="the retired US series not routed")
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # configuration, not the database, decides
 def test_retired_and_private_classes_refused_when_switched_off(node_factory, tmp_path):
     node = node_factory(web=web_settings(), storage={"accept_retired_sop_classes": False,
                                                       "accept_unknown_sop_classes": False})

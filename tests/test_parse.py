@@ -149,3 +149,15 @@ def test_truncated_deflate_stream_is_refused():
     deflated = _deflate(_encode(ds))
     with pytest.raises(RejectedDataset, match="deflated stream ends before its end marker"):
         parse_header(deflated[: len(deflated) // 2], DeflatedExplicitVRLittleEndian)
+
+
+def test_acr_nema_dates_and_times_are_indexed_in_the_dicom_form():
+    """pydicom-data's retired-class ultrasound has StudyDate "1994.11.05": 10 characters, refused by PostgreSQL's
+    index column (0x0110, re-sent for ever) until rewritten as DICOM's 19941105 (PS3.5 §6.2, DA and TM)."""
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.StudyDate, ds.StudyTime = "1994.11.05", "11:20:00"
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert (header.study_date, header.study_time) == ("19941105", "112000")
+    ds.StudyDate, ds.StudyTime = "20260102", "0930"
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert (header.study_date, header.study_time) == ("20260102", "0930")

@@ -229,6 +229,23 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
 
 
 _BINARY_INTEGERS = {"Rows", "Columns"}
+# ACR-NEMA 2.0 forms old devices still send (PS3.5 §6.2, DA and TM notes): "1994.11.05", "11:20:00".
+_LEGACY_DATE = re.compile(r"([0-9]{4})\.([0-9]{2})\.([0-9]{2})")
+_LEGACY_TIME = re.compile(r"([0-9]{2}):([0-9]{2})(?::([0-9]{2}(?:\.[0-9]{1,6})?))?")
+
+
+def _date(ds: Dataset, keyword: str) -> str | None:
+    """A DA as YYYYMMDD: the ACR-NEMA form is rewritten, so it is indexed and matched like any other."""
+    text = _text(ds, keyword)
+    legacy = _LEGACY_DATE.fullmatch(text or "")
+    return "".join(legacy.groups()) if legacy else text
+
+
+def _time(ds: Dataset, keyword: str) -> str | None:
+    """A TM as HHMMSS.FFFFFF: the ACR-NEMA form (with colons) is rewritten likewise."""
+    text = _text(ds, keyword)
+    legacy = _LEGACY_TIME.fullmatch(text or "")
+    return "".join(part for part in legacy.groups() if part) if legacy else text
 
 
 def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> InstanceHeader:
@@ -262,8 +279,8 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
+        study_date=_date(ds, "StudyDate"),
+        study_time=_time(ds, "StudyTime"),
         study_description=_text(ds, "StudyDescription"),
         modality=_text(ds, "Modality"),
         body_part_examined=_text(ds, "BodyPartExamined"),
