@@ -159,12 +159,13 @@ def test_uids_that_are_not_uids_are_stored_under_a_digest_and_served(node_factor
     # A dangerous value by STOW-RS: never a path, still stored and indexed as sent.
     phantom = CTPhantom(slices=1, rows=32, columns=32)
     hostile = pydicom.dcmread(phantom.write(tmp_path / "hostile")[0])
-    hostile.SeriesInstanceUID = "../../../../tmp/evil"
+    hostile.SeriesInstanceUID = "../../../escaped"  # as a path: storage/<study>/../../../escaped = tmp_path/escaped
     client = DICOMwebClient(dicomweb(node), headers=AUTH)
     answer = client.store_instances([hostile])
     assert len(answer.ReferencedSOPSequence) == 1
-    assert (node.storage / phantom.study_uid / digest("../../../../tmp/evil") / f"{hostile.SOPInstanceUID}.dcm").exists()
-    assert not Path("/tmp/evil").exists()
+    folder = node.storage / phantom.study_uid / digest("../../../escaped")
+    assert (folder / f"{hostile.SOPInstanceUID}.dcm").exists()
+    assert not (tmp_path / "escaped").exists()
 
     # WADO-RS and QIDO-RS find the hex-UID instance by the UIDs as sent.
     # (dicomweb-client checks UIDs itself before asking, so plain HTTP here.)
