@@ -179,6 +179,11 @@ class StorageSection(_Section):
     # Largest dataset a Deflated Explicit VR Little Endian instance may inflate to (a few KB can inflate to
     # gigabytes); one whose image description promises less is held to that.
     max_inflated_mb: int = Field(256, ge=1)
+    # Store instances of storage SOP classes the standard has retired (e.g. the old Ultrasound Image Storage
+    # 1.2.840.10008.5.1.4.1.1.6), and of SOP classes no dictionary knows (private, or newer than the node),
+    # by C-STORE and STOW-RS, as a PACS does (Orthanc: UnknownSopClassAccepted).  false: refused as unsupported.
+    accept_retired_sop_classes: bool = True
+    accept_unknown_sop_classes: bool = True
 
     @model_validator(mode="after")
     def _results_floor(self) -> StorageSection:

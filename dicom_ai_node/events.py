@@ -49,6 +49,8 @@ class EventKind(enum.StrEnum):
     RESENT = "resent"  # a whole series sent again, nothing new
     SOURCE_STARTED = "source-started"  # an Orthanc change feed followed for the first time
     SOURCE_FAILED = "source-failed"
+    NONSTANDARD_SOP_CLASS = "nonstandard-sop-class"  # a retired or private/unknown storage class stored
+    INVALID_UID = "invalid-uid"  # stored with a UID that is not a valid UID: its file has a digest name
 
     # Series completion
     COMPLETE = "complete"

@@ -295,8 +295,11 @@ def test_association_aborted_by_the_sender(node, small_ct):
                   timeout=10, what="the abort in the log")
 
 
-def test_unsupported_sop_class_is_refused_and_logged(node):
-    """A modality proposing a SOP class nobody knows learns it at negotiation; the admin sees it."""
+def test_unsupported_sop_class_is_refused_and_logged(node_factory):
+    """A modality proposing a SOP class nobody knows learns it at negotiation when the node is set to refuse
+    them (storage.accept_unknown_sop_classes = false); the admin sees it."""
+    node = node_factory(storage={"accept_unknown_sop_classes": False})
+    node.start()
     private = "1.2.826.0.1.3680043.10.1447.99.1"
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(private)

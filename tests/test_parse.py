@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 
@@ -15,6 +16,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 
 from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
 from dicom_ai_node.phantoms import CTPhantom
+from dicom_ai_node.store.files import InstanceStore
 
 
 def _encode(ds, implicit: bool = False, little: bool = True) -> bytes:
@@ -65,11 +67,28 @@ def test_mismatching_affected_sop_instance_uid():
     assert caught.value.status == 0xA900
 
 
-def test_invalid_uid_cannot_become_a_path():
+@pytest.mark.parametrize("series_uid", ["1.2.3/../../etc", "..", "a" * 64, "1.2.abc", "1.2..3", "C:\\x"])
+def test_invalid_uid_is_kept_as_sent_and_never_becomes_a_path(tmp_path, series_uid):
+    """Issue 10.8b: an instance whose UID is not a UID is stored (kept as sent), under a digest name."""
     ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
-    ds.SeriesInstanceUID = "1.2.3/../../etc"
-    with pytest.raises(RejectedDataset, match="is not a valid UID"):
+    ds.SeriesInstanceUID = series_uid
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert header.series_instance_uid == series_uid
+    store = InstanceStore(tmp_path, 0)
+    relative = store.relative_path(header.study_instance_uid, series_uid, header.sop_instance_uid)
+    study, series, instance = relative.split("/")
+    assert (study, instance) == (ds.StudyInstanceUID, f"{ds.SOPInstanceUID}.dcm")
+    assert series == "sha256-" + hashlib.sha256(series_uid.encode()).hexdigest()
+    assert store.write_instance(relative, b"x") and (tmp_path / relative).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("study_uid", ["1.2\x013", "1.2\x003", "1." + "2" * 64])
+def test_uid_with_control_characters_or_too_long_is_refused(study_uid):
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.StudyInstanceUID = study_uid
+    with pytest.raises(RejectedDataset, match="is not a valid UID, nor one the node can keep") as caught:
         parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert caught.value.status == 0xA900
 
 
 @pytest.mark.parametrize("source_ae", ["STORESCU", "CT1", ""])
@@ -130,3 +149,15 @@ def test_truncated_deflate_stream_is_refused():
     deflated = _deflate(_encode(ds))
     with pytest.raises(RejectedDataset, match="deflated stream ends before its end marker"):
         parse_header(deflated[: len(deflated) // 2], DeflatedExplicitVRLittleEndian)
+
+
+def test_acr_nema_dates_and_times_are_indexed_in_the_dicom_form():
+    """pydicom-data's retired-class ultrasound has StudyDate "1994.11.05": 10 characters, refused by PostgreSQL's
+    index column (0x0110, re-sent for ever) until rewritten as DICOM's 19941105 (PS3.5 §6.2, DA and TM)."""
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.StudyDate, ds.StudyTime = "1994.11.05", "11:20:00"
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert (header.study_date, header.study_time) == ("19941105", "112000")
+    ds.StudyDate, ds.StudyTime = "20260102", "0930"
+    header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
+    assert (header.study_date, header.study_time) == ("20260102", "0930")

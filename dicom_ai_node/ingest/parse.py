@@ -10,6 +10,7 @@ Rows x Columns x Samples x Bits Allocated x Frames says.
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 import zlib
@@ -23,10 +24,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_ai_node.store.files import InvalidUID, validate_uid
 from dicom_ai_node.values import InstanceHeader
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+MAX_UID_LENGTH = 64  # PS3.5 §6.2, VR UI; also the index's UID columns
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _OTHER_PIXEL_DATA = (Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))  # Float / Double Float Pixel Data
 _ITEM = (0xFFFE, 0xE000)
@@ -251,16 +253,41 @@ def _request_attributes(ds: Dataset) -> tuple[tuple[str | None, str | None], ...
     )
 
 
+# ACR-NEMA 2.0 forms old devices still send (PS3.5 §6.2, DA and TM notes): "1994.11.05", "11:20:00".
+_LEGACY_DATE = re.compile(r"([0-9]{4})\.([0-9]{2})\.([0-9]{2})")
+_LEGACY_TIME = re.compile(r"([0-9]{2}):([0-9]{2})(?::([0-9]{2}(?:\.[0-9]{1,6})?))?")
+
+
+def _date(ds: Dataset, keyword: str) -> str | None:
+    """A DA as YYYYMMDD: the ACR-NEMA form is rewritten, so it is indexed and matched like any other."""
+    text = _text(ds, keyword)
+    legacy = _LEGACY_DATE.fullmatch(text or "")
+    return "".join(legacy.groups()) if legacy else text
+
+
+def _time(ds: Dataset, keyword: str) -> str | None:
+    """A TM as HHMMSS.FFFFFF: the ACR-NEMA form (with colons) is rewritten likewise."""
+    text = _text(ds, keyword)
+    legacy = _LEGACY_TIME.fullmatch(text or "")
+    return "".join(part for part in legacy.groups() if part) if legacy else text
+
+
 def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> InstanceHeader:
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = _text(ds, keyword)
         if value is None:
             raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, f"dataset lacks {keyword} (0020/0008 Type 1 attribute)")
-        try:
-            uids[keyword] = validate_uid(value, keyword)
-        except InvalidUID as exc:
-            raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
+        # Kept exactly as sent even when it is not a valid UID (real anonymised data has 64 hex characters):
+        # it never names a file (store/files.py path_component).  Longer than the UI maximum it fits no index;
+        # a control character (a line feed) is a corrupt value that would forge log lines.
+        if len(value) > MAX_UID_LENGTH or _CONTROL.search(value):
+            raise RejectedDataset(
+                DOES_NOT_MATCH_SOP_CLASS,
+                f"{keyword} is not a valid UID, nor one the node can keep (at most {MAX_UID_LENGTH} characters, "
+                f"none a control character; PS3.5 §6.2, VR UI): {value[:80]!r}",
+            )
+        uids[keyword] = value
     if affected_sop_instance_uid and affected_sop_instance_uid.strip() != uids["SOPInstanceUID"]:
         raise RejectedDataset(
             DOES_NOT_MATCH_SOP_CLASS,
@@ -276,8 +303,8 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
+        study_date=_date(ds, "StudyDate"),
+        study_time=_time(ds, "StudyTime"),
         study_description=_text(ds, "StudyDescription"),
         modality=_text(ds, "Modality"),
         body_part_examined=_text(ds, "BodyPartExamined"),
@@ -290,12 +317,12 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
         number_of_frames=_integer(ds, "NumberOfFrames"),
         study_id=_text(ds, "StudyID"),
         referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_birth_date=_date(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
         timezone_offset_from_utc=_text(ds, "TimezoneOffsetFromUTC"),
         specific_character_set=_text(ds, "SpecificCharacterSet"),
-        performed_procedure_step_start_date=_text(ds, "PerformedProcedureStepStartDate"),
-        performed_procedure_step_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        performed_procedure_step_start_date=_date(ds, "PerformedProcedureStepStartDate"),
+        performed_procedure_step_start_time=_time(ds, "PerformedProcedureStepStartTime"),
         request_attributes=_request_attributes(ds),
         bits_allocated=_integer(ds, "BitsAllocated"),
     )

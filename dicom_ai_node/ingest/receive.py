@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dicom_ai_node.events import EventKind, Level
+from dicom_ai_node.ingest.contexts import SopClassKind, classify, describe
 from dicom_ai_node.ingest.parse import DEFAULT_MAX_INFLATED_BYTES, RejectedDataset, parse_header
-from dicom_ai_node.store.files import DiskFull, InstanceStore
+from dicom_ai_node.store.files import DiskFull, InstanceStore, is_valid_uid
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 
@@ -68,6 +70,29 @@ class _KeyedLocks:
 # Process-wide: C-STORE, STOW-RS and the Orthanc pull each have a Receiver, and may all
 # deliver the same instance at once.
 _arrivals = _KeyedLocks()
+
+
+class _Once:
+    """The keys seen lately (the last `size`), so a finding is written once per series, not once per instance."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def first(self, key: Hashable) -> bool:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+            return True
+
+
+_reported = _Once()  # process-wide too: one audit line per series whichever way its instances come
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 class Receiver:
@@ -152,7 +177,37 @@ class Receiver:
             if placed:  # the row's file was missing, or the copy names another study or series
                 self._settle_duplicate(header, sender, relative, len(data))
             log.debug("duplicate %s from %s: first copy kept", header.sop_instance_uid, sender)
+        else:
+            self._report_nonconformance(header, sender, relative)
         return Received(SUCCESS, "", header, outcome, len(data))
+
+    def _report_nonconformance(self, header: InstanceHeader, sender: Sender, relative: str) -> None:
+        """Say, once per series, that a retired or unknown SOP class or a UID that is not a UID was stored.
+
+        Both are stored as a PACS would, but whoever reads the series later
+        (a viewer, a model, another archive) may stumble on them.
+        """
+        series = header.series_instance_uid
+        uids = {"study_instance_uid": header.study_instance_uid, "series_instance_uid": series,
+                "calling_ae_title": sender.ae_title}
+        if classify(header.sop_class_uid) in (SopClassKind.RETIRED, SopClassKind.UNKNOWN) and _reported.first(
+            (series, header.sop_class_uid)
+        ):
+            self.index.report(
+                EventKind.NONSTANDARD_SOP_CLASS,
+                f"series {series} from {sender}: instances of SOP class {describe(header.sop_class_uid)} stored "
+                f"(first {header.sop_instance_uid}); viewers and models may not know this class",
+                Level.WARNING, logger=log, **uids,
+            )
+        values = (header.study_instance_uid, series, header.sop_instance_uid)
+        invalid = [f"{keyword} {value!r}" for keyword, value in zip(_UID_KEYWORDS, values) if not is_valid_uid(value)]
+        if invalid and _reported.first((series, EventKind.INVALID_UID)):
+            self.index.report(
+                EventKind.INVALID_UID,
+                f"series {series!r} from {sender}: stored with {', '.join(invalid)}, not valid UIDs (PS3.5 §9.1); "
+                f"kept as sent in the index, the file is named by digest: {relative}",
+                Level.WARNING, logger=log, **uids,
+            )
 
     def _settle_duplicate(self, header: InstanceHeader, sender: Sender, relative: str, size: int) -> None:
         """A duplicate whose file went into place: make the row describe it, or take it away again."""

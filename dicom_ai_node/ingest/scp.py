@@ -20,12 +20,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from dicom_ai_node.config import Config, DimseTLS
 from dicom_ai_node.errors import StartupError
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.admission import REJECT_CONGESTION, REJECT_LOCAL_LIMIT, Admission, Refusal
-from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from dicom_ai_node.ingest.contexts import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    VERIFICATION_SOP_CLASS,
+    SopClassKind,
+    StoragePolicy,
+    classify,
+)
 from dicom_ai_node.ingest.part10 import part10
 from dicom_ai_node.ingest.policy import AssociationPolicy, Rejection, certificate_subject, describe_subject
 from dicom_ai_node.ingest.receive import SUCCESS, Receiver
@@ -69,6 +76,9 @@ class StorageSCP:
     def __init__(self, config: Config, index: Index, store: InstanceStore) -> None:
         self.config = config
         self.index = index
+        self.storage_policy = StoragePolicy(
+            config.storage.accept_retired_sop_classes, config.storage.accept_unknown_sop_classes
+        )
         self.receiver = Receiver(
             index, store, config.dimse.max_associations, config.storage.max_inflated_mb * 2**20
         )
@@ -101,9 +111,31 @@ class StorageSCP:
         ae.network_timeout = dimse.network_timeout_seconds
         ae.require_called_aet = False  # checked, with a logged reason, in _on_requested
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
-        for sop_class in STORAGE_SOP_CLASSES:
+        for sop_class in self.storage_policy.negotiated_sop_classes:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
+
+    def _support_unknown_sop_classes(self, association: Association) -> None:
+        """Add the proposed SOP classes no dictionary knows (private, newer) to what this association accepts.
+
+        They cannot be listed in advance, so they are added per request, before
+        pynetdicom negotiates; known classes of other services stay refused.
+        """
+        known = {context.abstract_syntax for context in association.acceptor.supported_contexts}
+        proposed = association.requestor.primitive.presentation_context_definition_list
+        unknown = {
+            context.abstract_syntax for context in proposed
+            if context.abstract_syntax not in known and classify(context.abstract_syntax) is SopClassKind.UNKNOWN
+        }
+        if not unknown:
+            return
+        added = []
+        for sop_class in sorted(unknown):
+            context = PresentationContext()
+            context.abstract_syntax = sop_class
+            context.transfer_syntax = list(ACCEPTED_TRANSFER_SYNTAXES)
+            added.append(context)
+        association.acceptor.supported_contexts = association.acceptor.supported_contexts + added
 
     def bind(self) -> None:
         """Bind the listening sockets (plain and TLS); connections wait in the kernel until `start` serves them.
@@ -210,6 +242,8 @@ class StorageSCP:
         association = event.assoc
         try:
             refused = self._refusal(association)
+            if refused is None and self.storage_policy.accept_unknown:
+                self._support_unknown_sop_classes(association)
         except Exception:
             log.exception("association request from %s could not be checked: rejected", association.requestor.address)
             self.admission.closed(association)
@@ -260,11 +294,15 @@ class StorageSCP:
         knows (private or newer than this node) is what an admin must hear about.
         """
         sop_class = UID(context.abstract_syntax)
-        storage_or_unknown = sop_class.name == str(sop_class) or sop_class.keyword.endswith("Storage")
-        if context.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED and storage_or_unknown:
+        kind = classify(sop_class)
+        if context.result == _ABSTRACT_SYNTAX_NOT_SUPPORTED and kind is not SopClassKind.NOT_STORAGE:
+            setting = {
+                SopClassKind.RETIRED: " (retired; storage.accept_retired_sop_classes = true stores it)",
+                SopClassKind.UNKNOWN: " (private or unknown; storage.accept_unknown_sop_classes = true stores it)",
+            }.get(kind, "")
             reason = (
-                f"{sender} proposed SOP class {sop_class} ({sop_class.name}), which this node does not store; "
-                "its instances cannot be received"
+                f"{sender} proposed SOP class {sop_class} ({sop_class.name}), which this node does not store"
+                f"{setting}; its instances cannot be received"
             )
             self.index.report(
                 EventKind.UNSUPPORTED_SOP_CLASS, reason, Level.WARNING, logger=log, calling_ae_title=sender.ae_title

@@ -62,6 +62,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_ai_node.events import EventKind
@@ -328,6 +330,24 @@ class PromptAssociation(Association):
     def abort_when_idle(self) -> None:
         """A-ABORT as soon as no message is being served (a store in progress finishes first)."""
         self._abort_requested = True
+
+    def _serve_request(self, msg, context_id: int) -> None:
+        """pynetdicom's, except that a C-STORE of a class it has no service for (retired, private) is stored too.
+
+        pynetdicom picks the service from the SOP class and knows only current
+        storage classes; a C-STORE on a context this node accepted (scp.py decides
+        which) is a Storage Service request whatever its class (PS3.4 Annex B).
+        """
+        context = self._accepted_cx.get(context_id)
+        class_uid = getattr(msg, "AffectedSOPClassUID", None)
+        if (isinstance(msg, C_STORE) and context is not None and not self._sent_release
+                and uid_to_service_class(class_uid) is not StorageServiceClass):
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            StorageServiceClass(self).SCP(msg, context)
+            self._is_paused = False
+            return
+        super()._serve_request(msg, context_id)
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop, except that it waits on the message queue instead of sleeping.

@@ -10,6 +10,7 @@ instance.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -17,10 +18,9 @@ import threading
 from pathlib import Path
 
 _LENIENT_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would allow a final "\n"
-
-
-class InvalidUID(ValueError):
-    """A UID that is not digits and dots (at most 64 characters) cannot name a file."""
+# The folder or file name of a UID that cannot be one: a valid UID has no letters, so no valid UID's name
+# ever collides with these.
+DIGEST_PREFIX = "sha256-"
 
 
 class DiskFull(OSError):
@@ -35,19 +35,29 @@ class DiskFull(OSError):
         self.needed_free_bytes = needed_free_bytes
 
 
-def validate_uid(uid: str, what: str) -> str:
-    """Return `uid` if it is safe as a path component, else raise InvalidUID.
+def is_valid_uid(uid: str) -> bool:
+    """Whether `uid` is a UID (PS3.5 §9.1: digits and dots, at most 64 characters), and so safe as a path component.
 
     Leading zeros in a component break PS3.5 §9.1 but occur in the wild; they are
     harmless in a path, so they are accepted.
     """
-    if not uid or len(uid) > 64 or not _LENIENT_UID.fullmatch(uid):
-        raise InvalidUID(f"{what} is not a valid UID (digits and dots, at most 64 characters): {uid!r}")
-    return uid
+    return bool(uid) and len(uid) <= 64 and _LENIENT_UID.fullmatch(uid) is not None
+
+
+def path_component(uid: str) -> str:
+    """The folder or file name for `uid`: the UID itself when it is valid, else `sha256-<hex digest of it>`.
+
+    Real archives hold UIDs that are not UIDs (64 hex characters after some
+    anonymisers, letters, slashes); such a value never becomes a path, whatever
+    it contains ("..", "/", NUL), while the index keeps it exactly as sent.
+    """
+    if is_valid_uid(uid):
+        return uid
+    return DIGEST_PREFIX + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class InstanceStore:
-    """Files under `root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`.
+    """Files under `root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm` (see `path_component` for invalid UIDs).
 
     Received instances stop at `min_free_bytes`; results (SEG, SR) may go down to
     `results_min_free_bytes`, so a disk filled by arrivals still has room for the
@@ -61,10 +71,8 @@ class InstanceStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
-        validate_uid(study_uid, "StudyInstanceUID")
-        validate_uid(series_uid, "SeriesInstanceUID")
-        validate_uid(sop_uid, "SOPInstanceUID")
-        return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+        """`<study>/<series>/<instance>.dcm`, each part a UID or the digest of a value that is not one."""
+        return f"{path_component(study_uid)}/{path_component(series_uid)}/{path_component(sop_uid)}.dcm"
 
     def absolute(self, relative: str) -> Path:
         return self.root / relative

@@ -36,6 +36,7 @@ from pathlib import Path
 from sqlalchemy import Engine, Row, func, select
 
 from dicom_ai_node.events import EventKind, Level
+from dicom_ai_node.store.files import path_component
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Event, Instance, Job, JobState, ResultObject, Series, Study
 
@@ -108,7 +109,7 @@ def reconcile(engine: Engine, root: Path, max_in_flight: int) -> Repair:
             _remove_row(engine, series, row)
             repair.rows_removed.append(row.sop_instance_uid)
     for study in busy_studies:
-        for folder in _subfolders(root / study):
+        for folder in _subfolders(root / path_component(study)):
             repair.temporary_files += _delete_temporary(folder)
             repair.folders_checked += 1
     repair.temporary_files += _delete_temporary(root / _WORKERS_FOLDER)
@@ -121,7 +122,7 @@ def reconcile(engine: Engine, root: Path, max_in_flight: int) -> Repair:
 
 def _check_series(engine: Engine, root: Path, series: Row, repair: Repair) -> list[Row]:
     """Delete the series folder's leftovers; returns its rows without a file."""
-    folder = root / series.study_instance_uid / series.series_instance_uid
+    folder = root / path_component(series.study_instance_uid) / path_component(series.series_instance_uid)
     names = set(_listdir(folder))
     repair.folders_checked += 1
     with engine.connect() as connection:

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import Engine, delete, exists, func, select
 
 from dicom_ai_node.events import EventKind
+from dicom_ai_node.store.files import path_component
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
     Delivery,
@@ -100,5 +101,5 @@ def purge_older_than(engine: Engine, storage_root: Path, days: float, dry_run: b
             )
     if not dry_run:  # files go only after their rows are gone: a crash leaves files, never dangling rows
         for record in purged:
-            shutil.rmtree(storage_root / record.study_instance_uid, ignore_errors=True)
+            shutil.rmtree(storage_root / path_component(record.study_instance_uid), ignore_errors=True)
     return purged

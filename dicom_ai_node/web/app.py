@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_ai_node.config import Config, WebSection
 from dicom_ai_node.errors import NodeError
-from dicom_ai_node.store.files import InstanceStore, InvalidUID, validate_uid
+from dicom_ai_node.ingest.contexts import StoragePolicy
+from dicom_ai_node.ingest.parse import MAX_UID_LENGTH
+from dicom_ai_node.store.files import InstanceStore
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.values import Sender
 from dicom_ai_node.web.bulkdata import parse_bulk_path
@@ -54,6 +57,8 @@ from dicom_ai_node.web.wado import (
 log = logging.getLogger(__name__)
 
 # Longest URL served, bytes: a QIDO query listing a hundred UIDs fits, and so does a frame list of 1500 frames.
+# A UID in a URL: printable ASCII without '/' and '\\' (never control characters), as long as a UID may be.
+_URL_UID = re.compile(rf"(?:(?![/\\])[!-~]){{1,{MAX_UID_LENGTH}}}")
 _MAX_URL = 8192
 
 
@@ -153,7 +158,8 @@ def create_app(
     store = store or InstanceStore(config.storage.path, config.storage.min_free_mb * 2**20)
     auth = Authenticator(settings)
     metrics = Metrics(engine, dicom_refusals)
-    stow = Stow(index, store, metrics, config.storage.max_inflated_mb * 2**20)
+    policy = StoragePolicy(config.storage.accept_retired_sop_classes, config.storage.accept_unknown_sop_classes)
+    stow = Stow(index, store, metrics, config.storage.max_inflated_mb * 2**20, policy)
     qido = Qido(engine, store.root)
     archive = Archive(engine, store.root)
 
@@ -161,13 +167,20 @@ def create_app(
         return f"{request.url.scheme}://{request.url.netloc}{settings.base_path}"
 
     def uids(request: Request) -> dict[str, str]:
-        """The study, series and instance UIDs of the URL; 400 for one that is not a UID."""
+        """The study, series and instance UIDs of the URL, as stored; 400 for one no stored instance can have.
+
+        Instances whose UIDs are not valid UIDs are stored and indexed as sent, so
+        a URL may name them (percent-decoded by Starlette); they are only looked
+        up in the index, never turned into a path.
+        """
         params = {key: value for key, value in request.path_params.items() if key in ("study", "series", "instance")}
-        try:
-            for key, value in params.items():
-                validate_uid(value, f"the {key} UID in the URL")
-        except InvalidUID as exc:
-            raise HTTPProblem(400, str(exc)) from None
+        for key, value in params.items():
+            if not _URL_UID.fullmatch(value):
+                raise HTTPProblem(
+                    400,
+                    f"the {key} UID in the URL is not a UID as the node stores them (at most {MAX_UID_LENGTH} "
+                    f"printable characters, no '/' or '\\'): {value[:80]!r}",
+                )
         return params
 
     def sender(request: Request, caller: Caller) -> Sender:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicom_ai_node.events import EventKind, Level
-from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, StoragePolicy, describe
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.store.files import DiskFull, InstanceStore
@@ -32,7 +32,6 @@ CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 _ACCEPTED_TS = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
-_STORAGE_CLASSES = frozenset(STORAGE_SOP_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,11 @@ class _Outcome:
 class Stow:
     """Stores every part of a STOW-RS request through the one ingest path C-STORE uses."""
 
-    def __init__(self, index: Index, store: InstanceStore, metrics: Metrics, max_inflated_bytes: int) -> None:
+    def __init__(
+        self, index: Index, store: InstanceStore, metrics: Metrics, max_inflated_bytes: int, policy: StoragePolicy
+    ) -> None:
         self.index = index
+        self.policy = policy
         self.receiver = Receiver(index, store, max_inflated_bytes=max_inflated_bytes)
         self.metrics = metrics
 
@@ -106,8 +108,9 @@ class Stow:
         sop_class = str(meta.get("MediaStorageSOPClassUID", "")) or None
         sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
         ts = str(meta.TransferSyntaxUID)
-        if sop_class not in _STORAGE_CLASSES:
-            return _Outcome(sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not stored here")
+        if sop_class is None or not self.policy.accepts(sop_class):
+            return _Outcome(sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED,
+                            f"SOP class {describe(sop_class) if sop_class else '(none)'} is not stored here")
         if ts not in _ACCEPTED_TS:
             return _Outcome(sop_class, sop_uid, TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} not accepted")
         # The dataset and then the whole file are read from the body separately, so at most two copies of
