@@ -15,11 +15,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.contexts import SopClassKind, classify, describe
 from dicom_ai_node.ingest.parse import DEFAULT_MAX_INFLATED_BYTES, RejectedDataset, parse_header
-from dicom_ai_node.store.files import DiskFull, InstanceStore, is_valid_uid
+from dicom_ai_node.store.files import DiskFull, FileRange, InstanceStore, is_valid_uid
 from dicom_ai_node.store.index import Index
 from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 
@@ -30,6 +31,18 @@ OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
 # Refusals the sender is expected to recover from by sending again: its series waits for them.
 TRANSIENT = (OUT_OF_RESOURCES, PROCESSING_FAILURE)
+
+
+Part10 = bytes | memoryview | FileRange  # a file to store, in memory or in a spooled request body
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance of a request, its header checked and its file being written (`Receiver.prepare`)."""
+
+    header: InstanceHeader
+    part10: Part10
+    prepared: Future  # of a Prepared file
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,7 @@ class Receiver:
         self,
         dataset: bytes,
         transfer_syntax: str,
-        part10: Callable[[], bytes | memoryview],
+        part10: Callable[[], Part10],
         sender: Sender,
         affected_sop_instance_uid: str | None = None,
     ) -> Received:
@@ -140,7 +153,78 @@ class Receiver:
         with _arrivals.hold(header.sop_instance_uid):
             return self._receive(header, part10, sender)
 
-    def _receive(self, header: InstanceHeader, part10: Callable[[], bytes | memoryview], sender: Sender) -> Received:
+    def prepare(self, header: InstanceHeader, part10: Part10) -> Arrival:
+        """Start writing an instance's file (under a temporary name, fsynced) for `receive_many`, in the background."""
+        relative = self.store.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        return Arrival(header, part10, self._files.submit(self.store.prepare, relative, part10))
+
+    def receive_many(self, arrivals: list[Arrival], sender: Sender) -> list[Received]:
+        """Ingest the instances of one request (a STOW-RS body) together, answering for each as `receive` would.
+
+        The same guarantee, paid once per request rather than once per instance: the
+        files, written and fsynced in parallel by `prepare`, are named, their folders
+        fsynced once each, and all rows committed in one transaction; none counts as
+        received before all of that is done.  A SOP Instance UID sent twice in the
+        request is taken once first, then again as the duplicate it is.
+        """
+        results: list[Received | None] = [None] * len(arrivals)
+        first: dict[str, int] = {}
+        again: list[int] = []
+        for number, arrival in enumerate(arrivals):
+            uid = arrival.header.sop_instance_uid
+            if uid in first:
+                again.append(number)
+            else:
+                first[uid] = number
+        with contextlib.ExitStack() as holding:
+            for uid in sorted(first):  # one order for every caller: two requests never wait for each other in turn
+                holding.enter_context(_arrivals.hold(uid))
+            self._receive_together([(number, arrivals[number]) for number in first.values()], sender, results)
+        for number in again:
+            arrival = arrivals[number]
+            _discard(arrival.prepared)
+            with _arrivals.hold(arrival.header.sop_instance_uid):
+                results[number] = self._receive(arrival.header, lambda data=arrival.part10: data, sender)
+        return [result for result in results if result is not None]
+
+    def _receive_together(
+        self, arrivals: list[tuple[int, Arrival]], sender: Sender, results: list[Received | None]
+    ) -> None:
+        directories: set[Path] = set()
+        placed: list[tuple[int, Arrival, str, bool]] = []
+        for number, arrival in arrivals:
+            try:
+                prepared = arrival.prepared.result()
+                placed.append((number, arrival, prepared.relative, self.store.place(
+                    prepared, replace=False, unsynced_directories=directories
+                )))
+            except OSError:  # alone, as C-STORE would: a re-send needs no space, a refusal says why
+                results[number] = self._receive(arrival.header, lambda data=arrival.part10: data, sender)
+        try:
+            outcomes = self.index.record_instances(
+                [(arrival.header, relative, len(arrival.part10)) for _, arrival, relative, _ in placed], sender
+            )
+        except Exception as exc:  # database down or broken: the sender must keep its copies
+            log.exception("indexing %d instances failed", len(placed))
+            for number, arrival, _, _ in placed:  # a file without a row is replaced when the sender tries again
+                results[number] = self._refuse(
+                    PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, arrival.header
+                )
+            return
+        unsynced = self.store.sync_directories(directories)
+        for (number, arrival, relative, in_place), outcome in zip(placed, outcomes):
+            written: Future = Future()
+            folder = self.store.absolute(relative).parent
+            errors = [unsynced[path] for path in (folder, folder.parent, folder.parent.parent) if path in unsynced]
+            if errors:  # the file is written, but its name may not survive a crash: not received
+                written.set_exception(errors[0])
+            else:
+                written.set_result(in_place)
+            results[number] = self._conclude(arrival.header, sender, relative, arrival.part10, outcome, written)
+
+    def _receive(self, header: InstanceHeader, part10: Callable[[], Part10], sender: Sender) -> Received:
         try:
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
@@ -160,6 +244,13 @@ class Receiver:
             log.exception("indexing %s failed", header.sop_instance_uid)
             _settle(writing)  # a file without a row is replaced when the sender tries again
             return self._refuse(PROCESSING_FAILURE, f"cannot index the instance: {exc}", sender, header)
+        return self._conclude(header, sender, relative, data, outcome, writing)
+
+    def _conclude(
+        self, header: InstanceHeader, sender: Sender, relative: str, data: Part10, outcome: IngestOutcome,
+        writing: Future,
+    ) -> Received:
+        """The answer for an indexed instance once its file write ended: keep the first copy, undo on failure."""
         try:
             placed = writing.result()
             if not placed and outcome is not IngestOutcome.DUPLICATE:
@@ -225,6 +316,10 @@ class Receiver:
         self.index.record_duplicate(series_id)
         return True
 
+    def refuse(self, code: int, reason: str, sender: Sender, sop_instance_uid: str | None) -> Received:
+        """Refuse an instance whose dataset was found wanting before it reached `receive` (audited as there)."""
+        return self._refuse(code, reason, sender, None, sop_instance_uid)
+
     def _refuse(
         self,
         code: int,
@@ -252,6 +347,14 @@ class Receiver:
         except Exception:  # the audit trail must not turn a clear refusal into a crash
             log.exception("could not record the refusal in the audit trail")
         return Received(code, reason, header, None)
+
+
+def _discard(preparing: Future) -> None:
+    """Remove a prepared file that will not be used (its write may still be running)."""
+    try:
+        preparing.result().discard()
+    except OSError:
+        pass
 
 
 def _settle(future: Future) -> None:

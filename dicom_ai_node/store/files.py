@@ -11,16 +11,47 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import re
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 _LENIENT_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would allow a final "\n"
 # The folder or file name of a UID that cannot be one: a valid UID has no letters, so no valid UID's name
 # ever collides with these.
 DIGEST_PREFIX = "sha256-"
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """`size` bytes at `offset` of an open file (a spooled STOW-RS body): copied into an instance file by the
+    kernel (copy_file_range), so an instance's bytes never pass through Python memory."""
+
+    fd: int
+    offset: int
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An instance file written and fsynced under a temporary name beside its final one (`InstanceStore.prepare`)."""
+
+    relative: str
+    temporary: Path
+    size: int
+    created: bool  # its folder was made for it
+
+    def discard(self) -> None:
+        self.temporary.unlink(missing_ok=True)
+
+
+_temporary_numbers = itertools.count()
 
 
 class DiskFull(OSError):
@@ -95,7 +126,7 @@ class InstanceStore:
             )
 
     def write_instance(
-        self, relative: str, data: bytes | memoryview, replace: bool = True, results: bool = False
+        self, relative: str, data: bytes | memoryview | FileRange, replace: bool = True, results: bool = False
     ) -> bool:
         """Durably write `data` at `relative`; raises DiskFull on ENOSPC.
 
@@ -103,41 +134,110 @@ class InstanceStore:
         of an instance wins) and False is returned; True means `data` is there now.
         `results` applies the results' floor instead of the received instances'.
         """
+        return self.place(self.prepare(relative, data, results), replace, results)
+
+    def prepare(self, relative: str, data: bytes | memoryview | FileRange, results: bool = False) -> Prepared:
+        """Write `data` beside `relative` under a temporary name of its own, and fsync it; `place` names it.
+
+        Needs no lock: two arrivals of one instance each write their own temporary file.
+        """
         self.check_space(len(data), results)
         final = self.root / relative
         directory = final.parent
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        # Unique per thread: two associations may deliver the same instance at once.
-        temporary = final.with_name(f"{final.name}.{threading.get_ident()}.tmp")
+        temporary = final.with_name(f"{final.name}.{threading.get_ident()}.{next(_temporary_numbers)}.tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if replace:
-                os.replace(temporary, final)
-                placed = True
-            else:
-                placed = _link_unless_present(temporary, final)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                # The floor looked clear but the disk disagreed: wait for more than there is now.
-                floor = self.results_min_free_bytes if results else self.min_free_bytes
-                needed = max(self.free_bytes(), floor) + len(data)
-                raise DiskFull(exc.errno, f"disk full while writing {relative}", needed) from exc
+            self._raise_if_disk_full(exc, relative, len(data), results)
             raise
-        _fsync_directory(directory)
-        if created:  # the new series (and maybe study) folder must survive too
-            _fsync_directory(directory.parent)
-            _fsync_directory(directory.parent.parent)
+        return Prepared(relative, temporary, len(data), created)
+
+    def place(
+        self, prepared: Prepared, replace: bool = True, results: bool = False,
+        unsynced_directories: set[Path] | None = None,
+    ) -> bool:
+        """Give a prepared file its name (see `write_instance` for `replace` and the result) and fsync its folder.
+
+        With `unsynced_directories`, the folders whose entries changed are added to it instead of being
+        fsynced here: a caller placing many files fsyncs each folder once (`sync_directories`) before it
+        counts any of them as stored.
+        """
+        final = self.root / prepared.relative
+        try:
+            if replace:
+                os.replace(prepared.temporary, final)
+                placed = True
+            else:
+                placed = _link_unless_present(prepared.temporary, final)
+        except OSError as exc:
+            prepared.temporary.unlink(missing_ok=True)
+            self._raise_if_disk_full(exc, prepared.relative, prepared.size, results)
+            raise
+        directory = final.parent
+        # The new series (and maybe study) folder must survive too.
+        changed = [directory, directory.parent, directory.parent.parent] if prepared.created else [directory]
+        if unsynced_directories is not None:
+            unsynced_directories.update(changed)
+        else:
+            for path in changed:
+                _fsync_directory(path)
         return placed
+
+    def _raise_if_disk_full(self, exc: OSError, relative: str, size: int, results: bool) -> None:
+        """DiskFull for ENOSPC: the floor looked clear but the disk disagreed, so wait for more than there is now."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            floor = self.results_min_free_bytes if results else self.min_free_bytes
+            needed = max(self.free_bytes(), floor) + size
+            raise DiskFull(exc.errno, f"disk full while writing {relative}", needed) from exc
+
+    def sync_directories(self, directories: set[Path]) -> dict[Path, OSError]:
+        """fsync each folder once; the folders that could not be, with their error (their new files are not durable)."""
+        failed: dict[Path, OSError] = {}
+        for path in directories:
+            try:
+                _fsync_directory(path)
+            except OSError as exc:
+                failed[path] = exc
+        return failed
+
+
+def _write_all(fd: int, data: bytes | memoryview | FileRange) -> None:
+    if isinstance(data, FileRange):
+        _copy_range(data, fd)
+        return
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _copy_range(source: FileRange, fd: int) -> None:
+    """Copy `source` to the end of `fd` in the kernel; by reads and writes where the filesystem cannot."""
+    copied = 0
+    try:
+        while copied < source.size:
+            count = os.copy_file_range(source.fd, fd, source.size - copied, source.offset + copied)
+            if not count:
+                raise OSError(errno.EIO, f"the source file ends {source.size - copied} bytes early")
+            copied += count
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while copied < source.size:
+        block = os.pread(source.fd, min(1 << 20, source.size - copied), source.offset + copied)
+        if not block:
+            raise OSError(errno.EIO, f"the source file ends {source.size - copied} bytes early")
+        _write_all(fd, block)
+        copied += len(block)
 
 
 def _link_unless_present(temporary: Path, final: Path) -> bool:

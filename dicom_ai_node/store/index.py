@@ -215,54 +215,95 @@ class Index:
             self._event(connection, EventKind.STORE_FAILED, message, header, sender, level=Level.ERROR)
 
     def record_instance(self, header: InstanceHeader, sender: Sender, file_path: str, file_size: int) -> IngestOutcome:
+        return self.record_instances([(header, file_path, file_size)], sender)[0]
+
+    def record_instances(
+        self, instances: list[tuple[InstanceHeader, str, int]], sender: Sender
+    ) -> list[IngestOutcome]:
+        """Index (header, file path, file size) of instances from one sender in one transaction: one commit.
+
+        A series is looked up (or created) once per transaction and, as it is RECEIVING
+        after its first instance, touched once.
+        """
         now = utcnow()
+        series: dict[str, tuple[int, bool]] = {}  # series UID -> (id, created by this transaction)
+        receiving: set[int] = set()  # series touched (and so RECEIVING) in this transaction
+        announced: set[int] = set()  # series created here whose `receiving` event is written
         with self.write_transaction() as connection:
-            series_id, created = self._series_row(connection, header, now)
-            inserted = connection.execute(
-                self._add_instance,
-                {
-                    "sop_instance_uid": header.sop_instance_uid,
-                    "series_id": series_id,
-                    "file_path": file_path,
-                    **_copy_fields(header, sender, file_size, now),
-                },
-            ).first()
-            if inserted is None:  # stored before, or by a concurrent association just now
-                _count_duplicate(connection, series_id)
-                return IngestOutcome.DUPLICATE
-            if created:
-                self._event(
-                    connection,
-                    EventKind.RECEIVING,
-                    f"series {header.series_instance_uid} ({header.modality or '?'}, "
-                    f"{header.series_description or 'no description'!r}) started arriving from {sender}",
-                    header,
-                    sender,
+            outcomes = []
+            for header, file_path, file_size in instances:
+                if header.series_instance_uid not in series:
+                    series[header.series_instance_uid] = self._series_row(connection, header, now)
+                series_id, created = series[header.series_instance_uid]
+                outcome = self._insert_instance(
+                    connection, header, sender, file_path, file_size, now, series_id, receiving
                 )
-            if connection.execute(self._touch_receiving_series, {"series_id": series_id, "now": now}).rowcount:
-                return IngestOutcome.NEW
-            state = connection.execute(select(_series.c.state).where(_series.c.id == series_id)).scalar_one()
-            connection.execute(
-                update(_series)
-                .where(_series.c.id == series_id)
-                .values(
-                    state=SeriesState.RECEIVING.value,
-                    state_reason=f"re-opened: new instance after the series was {state}",
-                    last_received_at=now,
-                    reprocess_requested=True,
-                    late_instances=_series.c.late_instances + 1,
-                )
+                if created and outcome is not IngestOutcome.DUPLICATE and series_id not in announced:
+                    announced.add(series_id)
+                    self._event(
+                        connection,
+                        EventKind.RECEIVING,
+                        f"series {header.series_instance_uid} ({header.modality or '?'}, "
+                        f"{header.series_description or 'no description'!r}) started arriving from {sender}",
+                        header,
+                        sender,
+                    )
+                outcomes.append(outcome)
+        for series_instance_uid, (series_id, created) in series.items():
+            if created:  # cached only once committed
+                self._remember_series(series_instance_uid, series_id)
+        return outcomes
+
+    def _insert_instance(
+        self,
+        connection: Connection,
+        header: InstanceHeader,
+        sender: Sender,
+        file_path: str,
+        file_size: int,
+        now: dt.datetime,
+        series_id: int,
+        receiving: set[int],
+    ) -> IngestOutcome:
+        inserted = connection.execute(
+            self._add_instance,
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "series_id": series_id,
+                "file_path": file_path,
+                **_copy_fields(header, sender, file_size, now),
+            },
+        ).first()
+        if inserted is None:  # stored before, or by a concurrent association just now
+            _count_duplicate(connection, series_id)
+            return IngestOutcome.DUPLICATE
+        if series_id in receiving:
+            return IngestOutcome.NEW
+        receiving.add(series_id)
+        if connection.execute(self._touch_receiving_series, {"series_id": series_id, "now": now}).rowcount:
+            return IngestOutcome.NEW
+        state = connection.execute(select(_series.c.state).where(_series.c.id == series_id)).scalar_one()
+        connection.execute(
+            update(_series)
+            .where(_series.c.id == series_id)
+            .values(
+                state=SeriesState.RECEIVING.value,
+                state_reason=f"re-opened: new instance after the series was {state}",
+                last_received_at=now,
+                reprocess_requested=True,
+                late_instances=_series.c.late_instances + 1,
             )
-            self._event(
-                connection,
-                EventKind.LATE_INSTANCE,
-                f"instance {header.sop_instance_uid} arrived after series {header.series_instance_uid} was "
-                f"{state}; the series is re-opened and flagged for re-processing",
-                header,
-                sender,
-                level=Level.WARNING,
-            )
-            return IngestOutcome.LATE
+        )
+        self._event(
+            connection,
+            EventKind.LATE_INSTANCE,
+            f"instance {header.sop_instance_uid} arrived after series {header.series_instance_uid} was "
+            f"{state}; the series is re-opened and flagged for re-processing",
+            header,
+            sender,
+            level=Level.WARNING,
+        )
+        return IngestOutcome.LATE
 
     def _series_row(self, connection: Connection, header: InstanceHeader, now: dt.datetime) -> tuple[int, bool]:
         """(series id, whether this call created it).

@@ -32,7 +32,6 @@ from dicom_ai_node.values import Sender
 from dicom_ai_node.web.bulkdata import parse_bulk_path
 from dicom_ai_node.web.dicom_json import DICOM_JSON
 from dicom_ai_node.web.metrics import DicomRefusals, Metrics
-from dicom_ai_node.web.multipart import MultipartError, parse_multipart
 from dicom_ai_node.web.problem import HTTPProblem, problem_response
 from dicom_ai_node.web.qido import LEVEL_NAMES, Qido, Query
 from dicom_ai_node.web.rendered import (
@@ -43,7 +42,7 @@ from dicom_ai_node.web.rendered import (
     rendered_response,
     thumbnail_frame,
 )
-from dicom_ai_node.web.stow import Stow, check_stow_content_type, spool_body, stow_response
+from dicom_ai_node.web.stow import Stow, check_stow_content_type, stow_response
 from dicom_ai_node.web.transcode import stored_pixels
 from dicom_ai_node.web.wado import (
     Archive,
@@ -190,20 +189,14 @@ def create_app(
         caller = auth.caller(request, write=True)
         study_uid = uids(request).get("study")
         boundary = check_stow_content_type(request.headers.get("content-type"))
-        try:
-            body = await spool_body(request, settings.max_request_mb * 2**20, store)
-        except ClientDisconnect:
-            log.warning("STOW-RS from %s: the client went away before the body was complete; nothing stored",
-                        sender(request, caller))
-            raise HTTPProblem(400, "the body ended early (client disconnected); nothing stored") from None
-        with body:
+        with stow.upload(boundary, sender(request, caller), study_uid) as upload:
             try:
-                parts = await run_in_threadpool(parse_multipart, body, boundary)
-            except MultipartError as exc:
-                raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
-            result = await run_in_threadpool(
-                stow.store, body, parts, sender(request, caller), study_uid, base_url(request)
-            )
+                await upload.receive(request, settings.max_request_mb * 2**20)
+            except ClientDisconnect:
+                log.warning("STOW-RS from %s: the client went away before the body was complete; nothing stored",
+                            sender(request, caller))
+                raise HTTPProblem(400, "the body ended early (client disconnected); nothing stored") from None
+            result = await run_in_threadpool(stow.store, upload, base_url(request))
         log.info("STOW-RS from %s: %d stored, %d failed", sender(request, caller), len(result.stored),
                  len(result.failed))
         return stow_response(result, base_url(request), study_uid)

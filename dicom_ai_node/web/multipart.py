@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 BLOCK_BYTES = 1 << 20  # read and written at a time
 PART_HEAD_BYTES = 1 << 16  # a part's header block, and the File Meta Information, fit in this
-# Parts of one STOW-RS request: a 4000-slice series fits; each part costs a scan of the spooled body.
+# Parts of one STOW-RS request: a 4000-slice series fits, and the list of parts stays small.
 MAX_STOW_PARTS = 20000
 
 
@@ -41,56 +41,113 @@ class MultipartError(ValueError):
     """The body is not a complete multipart message (malformed or truncated)."""
 
 
-def parse_multipart(body: BinaryIO, boundary: str) -> list[Part]:
-    """Locate the parts of a whole multipart body in a seekable file; MultipartError unless it is closed.
+class MultipartScanner:
+    """Locates the parts of a multipart body while it arrives, fed in order a block at a time.
 
-    The file is scanned a block at a time, so memory stays one block whatever the body's size; the
-    contents stay in the file until `read_range` fetches one part.
+    Memory holds a part's header block and the tail of the last block, never a part's
+    content: parts are found as offsets into the body (kept in a file by the caller).
+    `close` raises MultipartError unless the body ended with its close delimiter.
     """
-    delimiter = b"--" + boundary.encode("latin-1")
-    start = _find(body, delimiter, 0)
-    if start < 0:
-        raise MultipartError("the body does not contain the boundary given in Content-Type")
-    parts: list[Part] = []
-    position = start + len(delimiter)
-    while not (head := read_range(body, position, PART_HEAD_BYTES)).startswith(b"--"):
-        number = len(parts) + 1
-        if number > MAX_STOW_PARTS:
-            raise MultipartError(f"more than {MAX_STOW_PARTS} parts: send the instances in several requests")
-        line_end = head.find(b"\r\n")
-        headers_end = head.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
-        if headers_end < 0:
+
+    def __init__(self, boundary: str) -> None:
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._content_end = b"\r\n" + self._delimiter
+        self._pending = bytearray()  # unscanned bytes, starting at body offset `_offset`
+        self._offset = 0
+        self._state = "preamble"  # then "head" (after a delimiter), "content", "closed"
+        self._headers: dict[str, str] = {}
+        self._content_start = 0
+        self.parts: list[Part] = []
+
+    def feed(self, block: bytes | bytearray | memoryview) -> list[Part]:
+        """The parts the body up to the end of `block` completes."""
+        if self._state == "closed":  # the epilogue is ignored (RFC 2046 §5.1.1)
+            return []
+        self._pending += block
+        found = len(self.parts)
+        while self._step():
+            pass
+        return self.parts[found:]
+
+    def close(self) -> list[Part]:
+        """All parts, once the body is known to be whole; MultipartError if it is not."""
+        number = len(self.parts) + 1
+        if self._state == "preamble":
+            raise MultipartError("the body does not contain the boundary given in Content-Type")
+        if self._state == "head":
             raise MultipartError(f"part {number} has no complete header block (truncated body?)")
-        headers = {}
-        for line in head[line_end + 2 : headers_end].decode("latin-1").split("\r\n"):
-            if line:
-                name, colon, value = line.partition(":")
-                if not colon:
-                    raise MultipartError(f"part {number}: malformed header line {line[:80]!r}")
-                headers[name.strip().lower()] = value.strip()
-        content_start = position + headers_end + 4
-        end = _find(body, b"\r\n" + delimiter, content_start)
-        if end < 0:
+        if self._state == "content":
             raise MultipartError(f"part {number} is not closed by a boundary (truncated body?)")
-        parts.append(Part(headers, content_start, end))
-        position = end + 2 + len(delimiter)
-    if not parts:
-        raise MultipartError("the multipart body has no parts")
-    return parts
+        if not self.parts:
+            raise MultipartError("the multipart body has no parts")
+        return self.parts
+
+    def _step(self) -> bool:
+        """Advance over one delimiter, header block or part content; False when more input is needed."""
+        pending = self._pending
+        if self._state == "preamble":
+            found = pending.find(self._delimiter)
+            if found < 0:
+                self._consume(max(0, len(pending) - len(self._delimiter) + 1))
+                return False
+            self._consume(found + len(self._delimiter))
+            self._state = "head"
+            return True
+        if self._state == "head":
+            if len(pending) < 2:
+                return False
+            if pending.startswith(b"--"):
+                self._state = "closed"
+                self._pending = bytearray()
+                return False
+            number = len(self.parts) + 1
+            line_end = pending.find(b"\r\n")
+            headers_end = pending.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+            if headers_end < 0:
+                if len(pending) >= PART_HEAD_BYTES:
+                    raise MultipartError(f"part {number} has no complete header block within {PART_HEAD_BYTES} bytes")
+                return False
+            if number > MAX_STOW_PARTS:
+                raise MultipartError(f"more than {MAX_STOW_PARTS} parts: send the instances in several requests")
+            self._headers = _part_headers(bytes(pending[line_end + 2 : headers_end]), number)
+            self._consume(headers_end + 4)
+            self._content_start = self._offset
+            self._state = "content"
+            return True
+        if self._state == "content":
+            found = pending.find(self._content_end)
+            if found < 0:
+                self._consume(max(0, len(pending) - len(self._content_end) + 1))
+                return False
+            self.parts.append(Part(self._headers, self._content_start, self._offset + found))
+            self._consume(found + len(self._content_end))
+            self._state = "head"
+            return True
+        return False
+
+    def _consume(self, count: int) -> None:
+        del self._pending[:count]
+        self._offset += count
 
 
-def _find(file: BinaryIO, needle: bytes, start: int) -> int:
-    """Offset of the first `needle` at or after `start` in `file`, or -1; reads one block at a time."""
-    overlap = len(needle) - 1
-    position = start
-    while True:
-        block = read_range(file, position, BLOCK_BYTES + overlap)
-        found = block.find(needle)
-        if found >= 0:
-            return position + found
-        if len(block) < BLOCK_BYTES + overlap:
-            return -1
-        position += BLOCK_BYTES
+def _part_headers(block: bytes, number: int) -> dict[str, str]:
+    headers = {}
+    for line in block.decode("latin-1").split("\r\n"):
+        if line:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise MultipartError(f"part {number}: malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def parse_multipart(body: BinaryIO, boundary: str) -> list[Part]:
+    """Locate the parts of a whole multipart body in a seekable file; MultipartError unless it is closed."""
+    scanner = MultipartScanner(boundary)
+    body.seek(0)
+    while block := body.read(BLOCK_BYTES):
+        scanner.feed(block)
+    return scanner.close()
 
 
 def read_range(file: BinaryIO, start: int, size: int) -> bytes:

@@ -1,15 +1,23 @@
-"""STOW-RS: a request's body spooled to disk whole, then each instance stored through the
-ingest path C-STORE uses, and the DICOM JSON answer listing what was stored and what failed."""
+"""STOW-RS (PS3.18 §10.5): a request's body spooled to disk whole, its instances checked one by one and
+stored together through the ingest path C-STORE uses, and the Store Instances Response Module (PS3.18
+Annex I) listing what was stored, with which warning, and what failed and why."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import tempfile
+import warnings
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from io import BytesIO
+from typing import Any
 
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,27 +25,42 @@ from starlette.responses import JSONResponse, Response
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, StoragePolicy, describe
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
-from dicom_ai_node.ingest.receive import Receiver
-from dicom_ai_node.store.files import DiskFull, InstanceStore
+from dicom_ai_node.ingest.receive import Arrival, Received, Receiver
+from dicom_ai_node.store.files import DiskFull, FileRange, InstanceStore
 from dicom_ai_node.store.index import Arrivals, Index
-from dicom_ai_node.values import IngestOutcome, Sender
+from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
 from dicom_ai_node.web.dicom_json import DICOM_JSON, dicom_json, tag
 from dicom_ai_node.web.metrics import Metrics
-from dicom_ai_node.web.multipart import BLOCK_BYTES, PART_HEAD_BYTES, Part, parse_media_type, read_range
+from dicom_ai_node.web.multipart import (
+    BLOCK_BYTES,
+    PART_HEAD_BYTES,
+    MultipartError,
+    MultipartScanner,
+    Part,
+    parse_media_type,
+)
 from dicom_ai_node.web.problem import HTTPProblem
 
 log = logging.getLogger(__name__)
 
+# Failure Reason (PS3.18 Table I.2-2) and Warning Reason (Table I.2-1) values.
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+COERCION_OF_DATA_ELEMENTS = 0xB000
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 _ACCEPTED_TS = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
 
 
 @dataclass(frozen=True)
 class StowResult:
-    stored: list[dict[str, Any]]
-    failed: list[dict[str, Any]]
+    stored: list[dict[str, Any]]  # Referenced SOP Sequence items, WarningReason on those kept from an earlier copy
+    failed: list[dict[str, Any]]  # Failed SOP Sequence items
+    studies: set[str]  # the studies of the stored instances
+
+    @property
+    def warnings(self) -> int:
+        return sum(tag("WarningReason") in item for item in self.stored)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,7 @@ class _Outcome:
     duplicate: bool = False
     series_uid: str = ""
     study_uid: str = ""
+    audit: bool = False  # a refusal the audit trail records, as C-STORE's are
 
 
 class Stow:
@@ -62,18 +86,47 @@ class Stow:
     ) -> None:
         self.index = index
         self.policy = policy
+        self.instance_store = store
         self.receiver = Receiver(index, store, max_inflated_bytes=max_inflated_bytes)
         self.metrics = metrics
 
-    def store(
-        self, body: BinaryIO, parts: list[Part], sender: Sender, study_uid: str | None, base_url: str
-    ) -> StowResult:
-        """Store the parts of `body` one at a time: memory holds one instance, never the request."""
+    def upload(self, boundary: str, sender: Sender, study_uid: str | None) -> Upload:
+        return Upload(self, boundary, sender, study_uid)
+
+    def store(self, upload: Upload, base_url: str) -> StowResult:
+        """Check each part of a whole body, starting its file's write as soon as it passes, then store those
+        that passed together (`Receiver.receive_many`).  Nothing is written before the body is whole, so one
+        that did not arrive whole stores nothing; memory holds one instance at a time."""
+        fd = upload.spool.fileno()
+        outcomes: list[_Outcome] = []
+        arrivals: list[Arrival] = []
+        numbers: list[int] = []
+        try:
+            for number, part in enumerate(upload.parts()):
+                checked = self.check(fd, part, upload.study_uid)
+                if isinstance(checked, InstanceHeader):
+                    arrivals.append(self.receiver.prepare(checked, FileRange(fd, part.start, part.end - part.start)))
+                    numbers.append(number)
+                    outcomes.append(_Outcome(None, None))  # replaced below
+                    continue
+                if checked.audit:
+                    self.receiver.refuse(checked.status, checked.reason, upload.sender, checked.sop_instance_uid)
+                outcomes.append(checked)
+            received = self.receiver.receive_many(arrivals, upload.sender)
+        except BaseException:
+            wait([arrival.prepared for arrival in arrivals])  # none may read the spool once it is closed
+            for arrival in arrivals:
+                _discard_prepared(arrival.prepared)
+            raise
+        for number, arrival, answer in zip(numbers, arrivals, received):
+            outcomes[number] = _outcome(arrival, answer)
+        return self._answer(outcomes, upload.sender, base_url)
+
+    def _answer(self, outcomes: list[_Outcome], sender: Sender, base_url: str) -> StowResult:
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         arrivals = Arrivals()
-        for part in parts:
-            outcome = self._store_one(body, part, sender, study_uid)
+        for outcome in outcomes:
             reference = {
                 "ReferencedSOPClassUID": outcome.sop_class_uid,
                 "ReferencedSOPInstanceUID": outcome.sop_instance_uid,
@@ -86,7 +139,10 @@ class Stow:
                 continue
             url = (f"{base_url}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
                    f"/instances/{outcome.sop_instance_uid}")
-            stored.append(dicom_json({**reference, "RetrieveURL": url}))
+            # PS3.18 Table I.1-1: WarningReason on an instance accepted with a warning.  A SOP Instance UID already
+            # held keeps its first copy, so what the URL retrieves may differ from what was sent.
+            warning = {"WarningReason": COERCION_OF_DATA_ELEMENTS} if outcome.duplicate else {}
+            stored.append(dicom_json({**reference, "RetrieveURL": url, **warning}))
             self.metrics.stow_instance(sender, "duplicate" if outcome.duplicate else "stored", outcome.size)
             arrivals.count(outcome.study_uid, outcome.series_uid, outcome.duplicate)
         if resent := arrivals.only_duplicates():
@@ -94,67 +150,168 @@ class Stow:
                 self.index.record_resent(sender, resent)
             except Exception:  # every instance is stored and answered; only the audit line is lost
                 log.exception("could not record in the audit trail: %d series sent again by %s", len(resent), sender)
-        return StowResult(stored, failed)
+        studies = {outcome.study_uid for outcome in outcomes if not outcome.status}
+        return StowResult(stored, failed, studies)
 
-    def _store_one(self, body: BinaryIO, part: Part, sender: Sender, study_uid: str | None) -> _Outcome:
+    def check(self, fd: int, part: Part, study_uid: str | None) -> InstanceHeader | _Outcome:
+        """The header of the part's instance, or why it fails (with its SOP Class and Instance UIDs when readable)."""
         media = parse_media_type(part.headers.get("content-type", "application/dicom"))[0]
         if media != "application/dicom":
             return _Outcome(None, None, CANNOT_UNDERSTAND, f"part of type {media}, expected application/dicom")
-        size = part.end - part.start
+        data = os.pread(fd, part.end - part.start, part.start)  # one instance in memory
         try:
-            meta, offset = split_part10(read_range(body, part.start, min(size, PART_HEAD_BYTES)))
+            meta, offset = split_part10(data)
         except Exception as exc:  # pydicom raises many types for garbage
-            return _Outcome(None, None, CANNOT_UNDERSTAND, f"cannot read the File Meta Information: {exc}")
+            sop_class, sop_uid = _referenced_uids(data[:PART_HEAD_BYTES], None)
+            return _Outcome(sop_class, sop_uid, CANNOT_UNDERSTAND, f"not a DICOM file (PS3.10): {exc}")
+        ts = str(meta.TransferSyntaxUID)
         sop_class = str(meta.get("MediaStorageSOPClassUID", "")) or None
         sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
-        ts = str(meta.TransferSyntaxUID)
+        if sop_class is None or sop_uid is None:
+            found = _referenced_uids(data[offset : offset + PART_HEAD_BYTES], ts)
+            sop_class, sop_uid = sop_class or found[0], sop_uid or found[1]
         if sop_class is None or not self.policy.accepts(sop_class):
             return _Outcome(sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED,
                             f"SOP class {describe(sop_class) if sop_class else '(none)'} is not stored here")
         if ts not in _ACCEPTED_TS:
             return _Outcome(sop_class, sop_uid, TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} not accepted")
-        # The dataset and then the whole file are read from the body separately, so at most two copies of
-        # one instance are in memory while it is checked and written.
-        dataset = read_range(body, part.start + offset, size - offset)
-        if study_uid is not None and (mismatch := self._study_mismatch(dataset, ts, study_uid)):
-            self.index.record(
-                EventKind.STORE_FAILED, f"instance {sop_uid} from {sender} refused: {mismatch}", level=Level.ERROR,
-                study_instance_uid=study_uid, sop_instance_uid=sop_uid, calling_ae_title=sender.ae_title,
-            )
-            return _Outcome(sop_class, sop_uid, DOES_NOT_MATCH_SOP_CLASS, mismatch)
-        received = self.receiver.receive(dataset, ts, lambda: read_range(body, part.start, size), sender, sop_uid)
-        if not received.ok or received.header is None:
-            return _Outcome(sop_class, sop_uid, received.status, received.reason)
-        header = received.header
-        return _Outcome(
-            header.sop_class_uid,
-            header.sop_instance_uid,
-            size=received.size,
-            duplicate=received.outcome is IngestOutcome.DUPLICATE,
-            series_uid=header.series_instance_uid,
-            study_uid=header.study_instance_uid,
-        )
-
-    def _study_mismatch(self, dataset: bytes, ts: str, study_uid: str) -> str | None:
         try:
-            header = parse_header(dataset, ts, max_inflated_bytes=self.receiver.max_inflated_bytes)
-        except RejectedDataset:
-            return None  # the receiver refuses it with the precise reason
-        if header.study_instance_uid != study_uid:
-            return f"StudyInstanceUID {header.study_instance_uid} differs from the study in the URL {study_uid}"
-        return None
+            header = parse_header(data[offset:], ts, sop_uid, self.receiver.max_inflated_bytes)
+        except RejectedDataset as exc:
+            return _Outcome(sop_class, sop_uid, exc.status, str(exc), audit=True)
+        if study_uid is not None and header.study_instance_uid != study_uid:
+            mismatch = f"StudyInstanceUID {header.study_instance_uid} differs from the study in the URL {study_uid}"
+            return _Outcome(header.sop_class_uid, header.sop_instance_uid, DOES_NOT_MATCH_SOP_CLASS, mismatch,
+                            audit=True)
+        return header
+
+
+def _discard_prepared(preparing: Future) -> None:
+    """Remove the temporary file of an instance that will not be stored (a request failed midway)."""
+    if preparing.exception() is None:
+        preparing.result().discard()
+
+
+class Upload:
+    """One STOW-RS request body, spooled whole to an unnamed file and its parts located while it arrives.
+
+    Close it (a `with` block) in every case.
+    """
+
+    def __init__(self, stow: Stow, boundary: str, sender: Sender, study_uid: str | None) -> None:
+        self.sender = sender
+        self.study_uid = study_uid
+        self.scanner = MultipartScanner(boundary)
+        self.store = stow.instance_store
+        # No name (O_TMPFILE): gone once closed, even after kill -9.  Unbuffered: a part found is in the file.
+        self.spool = tempfile.TemporaryFile(dir=self.store.root, buffering=0)
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.spool.close()
+
+    async def receive(self, request: Request, limit: int) -> None:
+        """Spool the whole body; 413 past `limit` bytes, whether announced by Content-Length or found while
+        reading a chunked body; 507 when the disk cannot hold the body and then the instances made from it
+        (twice its size) above storage.min_free_mb.  Nothing is stored before all of it arrived."""
+        length = request.headers.get("content-length", "")
+        declared = int(length) if re.fullmatch(r"[0-9]{1,19}", length) else 0
+        if declared > limit:
+            raise HTTPProblem(413, f"request body of {declared} bytes exceeds web.max_request_mb")
+        await run_in_threadpool(_check_space, self.store, 2 * declared)
+        received, pending = 0, bytearray()
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise HTTPProblem(413, "request body exceeds web.max_request_mb")
+            pending += chunk
+            if len(pending) >= BLOCK_BYTES:
+                await run_in_threadpool(self._spool, pending, received)
+                pending = bytearray()
+        await run_in_threadpool(self._spool, pending, received)
+
+    def _spool(self, data: bytearray, received: int) -> None:
+        """Append to the spool while the disk, after the body so far, still has room for as much again;
+        then locate the parts it completes."""
+        _check_space(self.store, received)
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered file may take less than all
+                view = view[self.spool.write(view) :]
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HTTPProblem(507, "the disk filled up while receiving the request; nothing stored") from None
+            raise
+        try:
+            self.scanner.feed(data)
+        except MultipartError as exc:
+            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+
+    def parts(self) -> list[Part]:
+        """The parts of the whole body; 400 if it is not a whole multipart body."""
+        try:
+            return self.scanner.close()
+        except MultipartError as exc:
+            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+
+
+def _outcome(arrival: Arrival, received: Received) -> _Outcome:
+    header = arrival.header
+    if not received.ok:
+        return _Outcome(header.sop_class_uid, header.sop_instance_uid, received.status, received.reason)
+    duplicate = received.outcome is IngestOutcome.DUPLICATE
+    return _Outcome(
+        header.sop_class_uid,
+        header.sop_instance_uid,
+        size=0 if duplicate else received.size,
+        duplicate=duplicate,
+        series_uid=header.series_instance_uid,
+        study_uid=header.study_instance_uid,
+    )
+
+
+def _referenced_uids(data: bytes, transfer_syntax: str | None) -> tuple[str | None, str | None]:
+    """SOP Class and Instance UID from the start of a dataset that cannot be stored, for its failure item.
+
+    Read leniently: `transfer_syntax` from the File Meta when there is one, else (a bare dataset sent
+    as application/dicom) explicit and then implicit VR little endian.
+    """
+    syntaxes = [UID(transfer_syntax)] if transfer_syntax else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    for syntax in syntaxes:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+                                  stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID)
+            found = (str(ds.get("SOPClassUID", "")).strip() or None, str(ds.get("SOPInstanceUID", "")).strip() or None)
+        except Exception:  # pydicom raises many types for garbage
+            continue
+        if all(found):
+            return found
+    return None, None
 
 
 def stow_response(result: StowResult, base_url: str, study_uid: str | None) -> Response:
-    body: dict[str, Any] = {}
-    if study_uid:
-        body.update(dicom_json({"RetrieveURL": f"{base_url}/studies/{study_uid}"}))
+    """The Store Instances Response Module (PS3.18 Annex I) with the status of PS3.18 Table 10.5.3-1.
+
+    200 when every instance was stored as sent, 202 when some were stored and others failed or carry a
+    warning, 409 when none was stored.  The top-level RetrieveURL (Type 2) is the study's: the one in the
+    URL, or the one study every stored instance belongs to; empty when they belong to several or none.
+    """
+    study = study_uid or (next(iter(result.studies)) if len(result.studies) == 1 else None)
+    body: dict[str, Any] = dicom_json({"RetrieveURL": f"{base_url}/studies/{study}" if study else None})
     if result.failed:
         body[tag("FailedSOPSequence")] = {"vr": "SQ", "Value": result.failed}
     if result.stored:
         body[tag("ReferencedSOPSequence")] = {"vr": "SQ", "Value": result.stored}
-    status = 200 if not result.failed else 202 if result.stored else 409
-    return JSONResponse(dict(sorted(body.items())), status_code=status, media_type=DICOM_JSON)
+    status = 409 if not result.stored else 202 if result.failed or result.warnings else 200
+    headers = {}
+    if result.warnings:
+        headers["Warning"] = (f'299 dicom-ai-node "{result.warnings} instance(s) were stored before; the first copy '
+                              'of each is kept (WarningReason B000)"')
+    return JSONResponse(dict(sorted(body.items())), status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 def check_stow_content_type(header: str | None) -> str:
@@ -167,47 +324,6 @@ def check_stow_content_type(header: str | None) -> str:
     if not params.get("boundary"):
         raise HTTPProblem(400, "multipart/related without a boundary parameter")
     return params["boundary"]
-
-
-async def spool_body(request: Request, limit: int, store: InstanceStore) -> BinaryIO:
-    """The whole body in a temporary file beside the stored instances; nothing is stored before all of it arrived.
-
-    413 past `limit` bytes, whether announced by Content-Length or found while reading a chunked body;
-    507 when the disk cannot hold the body and then the instances made from it (twice its size) above
-    storage.min_free_mb.  The file has no name (O_TMPFILE), so it is gone once closed, even after kill -9.
-    """
-    length = request.headers.get("content-length", "")
-    declared = int(length) if re.fullmatch(r"[0-9]{1,19}", length) else 0
-    if declared > limit:
-        raise HTTPProblem(413, f"request body of {declared} bytes exceeds web.max_request_mb")
-    await run_in_threadpool(_check_space, store, 2 * declared)
-    spool = tempfile.TemporaryFile(dir=store.root)
-    try:
-        received, pending = 0, bytearray()
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise HTTPProblem(413, "request body exceeds web.max_request_mb")
-            pending += chunk
-            if len(pending) >= BLOCK_BYTES:
-                await run_in_threadpool(_spool, spool, pending, store, received)
-                pending = bytearray()
-        await run_in_threadpool(_spool, spool, pending, store, received)
-    except BaseException:
-        spool.close()
-        raise
-    return spool
-
-
-def _spool(spool: BinaryIO, data: bytearray, store: InstanceStore, received: int) -> None:
-    """Append to the spool while the disk, after the body so far, still has room for as much again."""
-    _check_space(store, received)
-    try:
-        spool.write(data)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HTTPProblem(507, "the disk filled up while receiving the request; nothing stored") from None
-        raise
 
 
 def _check_space(store: InstanceStore, incoming: int) -> None:
