@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -237,24 +238,25 @@ def create_app(
         urls = [f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}" for study, series, sop, _ in found]
         return metadata_response([path for *_, path in found], urls)
 
-    async def retrieve_frames(request: Request) -> Response:
+    async def instance_file(request: Request) -> Path:
+        """The stored file of the instance the URL names, for a reader allowed to retrieve; 404 if unknown."""
         auth.caller(request, write=False)
         params = uids(request)
-        numbers = frame_numbers(request.path_params["frames"])
         paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
         if not paths:
             raise HTTPProblem(404, "no such instance")
-        pixels = await run_in_threadpool(stored_pixels, paths[0])
+        return paths[0]
+
+    async def retrieve_frames(request: Request) -> Response:
+        path = await instance_file(request)
+        numbers = frame_numbers(request.path_params["frames"])
+        pixels = await run_in_threadpool(stored_pixels, path)
         return await run_in_threadpool(frames_response, request, pixels, numbers)
 
     async def retrieve_bulkdata(request: Request) -> Response:
-        auth.caller(request, write=False)
-        params = uids(request)
+        path = await instance_file(request)
         steps = parse_bulk_path(request.path_params["path"])
-        paths = await run_in_threadpool(archive.files, params["study"], params["series"], params["instance"])
-        if not paths:
-            raise HTTPProblem(404, "no such instance")
-        return await run_in_threadpool(bulkdata_response, request, paths[0], steps, str(request.url))
+        return await run_in_threadpool(bulkdata_response, request, path, steps, str(request.url))
 
     def rendering(thumbnail: bool):
         """Retrieve Rendered (PS3.18 §10.4.1.1.3) or Thumbnail (§10.4.1.1.4) of a study, series, instance or frames."""
