@@ -224,6 +224,55 @@ def test_retrieving_a_large_study_streams_files_and_metadata(node_factory, tmp_p
     assert_archive_intact(node, {**blobs, **served})
 
 
+def test_transcoding_and_rendering_stream_and_malformed_negotiation_is_400(node_factory, tmp_path: Path):
+    """A study transcoded on retrieve, or rendered, is produced an instance (a frame) at a time; an Accept
+    header, frame list or bulk data path that cannot be parsed is a 400 with the reason, never a 500."""
+    node = node_factory(web=web_settings())
+    node.start()
+    blobs = ct_instances(30)  # 15 MB of 512 x 512 slices
+    assert stow(node, list(blobs.values())).status_code == 200
+    ds = pydicom.dcmread(BytesIO(next(iter(blobs.values()))), stop_before_pixels=True)
+    study = f"{dicomweb(node)}/studies/{ds.StudyInstanceUID}"
+    instance = f"{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+    baseline = reset_peak(node)
+    rle = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'
+    with requests.get(study, headers={**AUTH, "Accept": rle}, timeout=120, stream=True) as response:
+        assert response.status_code == 200, response.text
+        parts = parts_of(response)
+    assert len(parts) == 30
+    assert {pydicom.dcmread(BytesIO(part)).file_meta.TransferSyntaxUID for part in parts} == {"1.2.840.10008.1.2.5"}
+    with requests.get(f"{study}/rendered", headers={**AUTH, "Accept": 'multipart/related; type="image/png"'},
+                      timeout=120, stream=True) as response:
+        assert response.status_code == 200, response.text
+        assert sum(len(chunk) for chunk in response.iter_content(MiB)) > 30 * 1000
+    growth = peak_growth(node, baseline)
+    assert growth < 40, f"the node's RSS rose by {growth:.0f} MiB transcoding and rendering a 15 MB study"
+
+    for url, accept in (
+        (instance, 'multipart/related; type="application/dicom"; q=high'),
+        (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"; q=2x'),
+        (f"{instance}/frames/0", None),
+        (f"{instance}/frames/1,1", None),
+        (f"{instance}/frames/1;2", None),
+        (f"{instance}/bulkdata/7FE0001", None),
+        (f"{instance}/bulkdata/00081111/x/00081150", None),
+        (f"{instance}/bulkdata/00081111/0", None),
+        (f"{instance}/rendered?window=40", "image/png"),
+        (f"{instance}/rendered?viewport=0,0", "image/png"),
+        (f"{instance}/thumbnail?viewport=64,64,0,0,32,32", "image/jpeg"),
+        (f"{instance}/rendered?quality=101", "image/jpeg"),
+    ):
+        headers = {**AUTH, **({"Accept": accept} if accept else {})}
+        answer = requests.get(url, headers=headers, timeout=30)
+        assert answer.status_code == 400, (url, accept, answer.status_code, answer.text[:200])
+        assert answer.json()["error"], (url, accept)
+    deep = f"{instance}/bulkdata/" + "00081111/0/" * 800 + "00081150"
+    assert requests.get(deep, headers=AUTH, timeout=30).status_code == 414
+    served = assert_served(node, tmp_path / "after")
+    assert_archive_intact(node, {**blobs, **served})
+
+
 # --- QIDO-RS: numbers out of range ---------------------------------------------------------------------------
 
 
