@@ -19,7 +19,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import uid
 
-from conftest import dcmtk, storescu
+from conftest import dciodvfy_errors, dcmtk, storescu
 from test_ingest import _dataset_bytes
 from test_web import AUTH, dicomweb, web_settings
 
@@ -196,10 +196,11 @@ def test_compressed_series_gives_the_same_seg_as_uncompressed(node_factory, tmp_
     j2k = dataclasses.replace(plain, study_uid=_hex_uid(plain.study_uid), series_uid=_hex_uid(plain.series_uid))
     assert storescu(node.port, *plain.write(tmp_path / "plain")).returncode == 0
     (tmp_path / "j2k").mkdir()
-    encoded = []
+    encoded, sent_sop_uids = [], []
     for source in j2k.write(tmp_path / "j2k-source"):
         ds = pydicom.dcmread(source)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _hex_uid(ds.SOPInstanceUID)
+        sent_sop_uids.append(ds.SOPInstanceUID)
         ds.save_as(source)
         _encode(source, tmp_path / "j2k" / source.name, ("pydicom", uid.JPEG2000Lossless))
         encoded.append(tmp_path / "j2k" / source.name)
@@ -212,7 +213,15 @@ def test_compressed_series_gives_the_same_seg_as_uncompressed(node_factory, tmp_
         (seg,) = [r for r in node.json("job", "show", str(job["id"]))["results"] if r["kind"] == "SEG"]
         ds = pydicom.dcmread(node.storage / seg["file_path"])
         segs[ds.ReferencedSeriesSequence[0].SeriesInstanceUID] = ds, seg["file_path"]
-    (plain_seg, _), (j2k_seg, j2k_path) = segs[plain.series_uid], segs[j2k.series_uid]
+    (plain_seg, plain_path), (j2k_seg, j2k_path) = segs[plain.series_uid], segs[j2k.series_uid]
+    assert dciodvfy_errors(node.storage / plain_path) == []
+    # The SEG of the copy is in the sender's study and references its series and instances by the values sent:
+    # those are dciodvfy's only complaints.
+    sent = {j2k.study_uid, j2k.series_uid, *sent_sop_uids}
+    summary = "Error - Dicom dataset contains invalid data values for Value Representations"  # of those values
+    others = [line for line in dciodvfy_errors(node.storage / j2k_path)
+              if line != summary and not any(value in line for value in sent)]
+    assert others == []
     assert j2k_seg.StudyInstanceUID == j2k.study_uid
     assert j2k_path.startswith(f"sha256-{hashlib.sha256(j2k.study_uid.encode()).hexdigest()}/")
     assert [s.SegmentLabel for s in j2k_seg.SegmentSequence] == [s.SegmentLabel for s in plain_seg.SegmentSequence]
