@@ -32,7 +32,6 @@ from dicom_ai_node.web.transcode import DEFERRED_VALUE_BYTES, PIXEL_DATA_KEYWORD
 BULK_DATA_THRESHOLD = 1024  # bytes; longer binary values go by reference
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "OB/OW", "US/OW"})
 _PIXEL_TAGS = frozenset(Tag(keyword) for keyword in PIXEL_DATA_KEYWORDS)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def instance_metadata(path: Path, instance_url: str) -> dict[str, Any]:

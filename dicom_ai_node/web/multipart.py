@@ -3,11 +3,9 @@ and stored files written out as parts; a block at a time, so memory does not gro
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 BLOCK_BYTES = 1 << 20  # read and written at a time
@@ -165,14 +163,3 @@ def read_chunks(file: BinaryIO, start: int, size: int) -> Iterator[bytes]:
             raise OSError(f"{file.name} ends {size} bytes before the end of what it was expected to hold")
         size -= len(chunk)
         yield chunk
-
-
-def multipart_files(paths: list[Path], boundary: str) -> Iterator[bytes]:
-    """Stream stored files unchanged as multipart/related parts (runs in the thread pool), a block at a time."""
-    for path in paths:
-        with path.open("rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            yield f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {size}\r\n\r\n".encode()
-            yield from read_chunks(file, 0, size)
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
