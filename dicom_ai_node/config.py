@@ -528,8 +528,8 @@ class WebSection(_Section):
     # /metrics names calling AE titles and web clients, so it needs a client's credential unless this is set.
     allow_anonymous_metrics: bool = False
     cors_origins: list[str] = []  # e.g. ["http://localhost:3000"] for an OHIF dev server; "*" = any
-    # Largest STOW-RS body, MiB.  It is spooled to a temporary file in storage.path and stored one instance at
-    # a time, so this bounds disk, not memory: 2 GiB holds a 4000-slice CT series in one request.
+    # Largest STOW-RS body, MiB.  Each part is written to a file in storage.path as it arrives, never held in
+    # memory, so this bounds disk, not memory: 2 GiB holds a 4000-slice CT series in one request.
     max_request_mb: int = Field(2048, ge=1)
     qido_max_results: int = Field(1000, ge=1, le=100000)  # also the default `limit`
     # HTTPS (TLS 1.2 or newer, BCP 195): the server's certificate (PEM, chain included) and its private key.

@@ -210,12 +210,14 @@ def test_start_up_repairs_what_a_crash_leaves(node_factory, tmp_path):
     node.stop(signal.SIGKILL)
 
     # What kill -9 leaves: a row committed while its file was still being written, a temporary
-    # file, and a whole file whose row was never committed (neither was acknowledged).
+    # file, a STOW-RS part still arriving, and a whole file whose row was never committed (none was acknowledged).
     rows = _rows(node)
     lost = rows[pydicom.dcmread(paths[2]).SOPInstanceUID]
     (node.storage / lost.file_path).unlink()
     folder = (node.storage / lost.file_path).parent
     (folder / f"{lost.sop_instance_uid}.dcm.139872.tmp").write_bytes(b"half an instance")
+    (node.storage / ".incoming").mkdir()
+    (node.storage / ".incoming" / "4242.139872.7.tmp").write_bytes(b"half a STOW-RS part")
     unacknowledged = _small(1).write(tmp_path / "extra")[0]
     orphan = folder / f"{generate_uid()}.dcm"
     orphan.write_bytes(unacknowledged.read_bytes())
@@ -229,7 +231,8 @@ def test_start_up_repairs_what_a_crash_leaves(node_factory, tmp_path):
     assert _series(node, phantom)["NumberOfSeriesRelatedInstances"] == 5
     status = node.cli("status").stdout
     assert "removed 1 index row(s) without a file" in status, status
-    assert "deleted 1 temporary file(s)" in status and "deleted 1 unacknowledged file(s)" in status
+    assert "deleted 2 temporary file(s)" in status and "deleted 1 unacknowledged file(s)" in status
+    assert not any((node.storage / ".incoming").iterdir())
     assert node.json("status")["last_start_up"]["level"] == "warning"
     assert_archive_intact(node, {k: v for k, v in _sources(paths).items() if k != lost.sop_instance_uid})
 

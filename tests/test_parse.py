@@ -9,14 +9,15 @@ import zlib
 import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
 from dicom_ai_node.phantoms import CTPhantom
-from dicom_ai_node.store.files import InstanceStore
+from dicom_ai_node.store.files import FileRange, InstanceStore
 
 
 def _encode(ds, implicit: bool = False, little: bool = True) -> bytes:
@@ -161,3 +162,47 @@ def test_acr_nema_dates_and_times_are_indexed_in_the_dicom_form():
     ds.StudyDate, ds.StudyTime = "20260102", "0930"
     header = parse_header(_encode(ds), "1.2.840.10008.1.2.1")
     assert (header.study_date, header.study_time) == ("20260102", "0930")
+
+
+def _in_file(tmp_path, data: bytes, lead: bytes = b"x" * 300):
+    """`data` as a range of a file after other bytes (a STOW-RS part after its File Meta)."""
+    path = tmp_path / "part"
+    path.write_bytes(lead + data)
+    return FileRange(path, len(lead), len(data))
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_long_values_are_checked_without_being_read(tmp_path, where):
+    """Pixel data past 64 KiB is skipped, not read (a STOW-RS part never passes through memory), yet a
+    truncation is refused as before, and a long text the index keeps is read all the same."""
+    ds = CTPhantom(slices=1, rows=512, columns=512).dataset(0)
+    ds.StudyDescription = "D" * 70_000  # longer than the skip threshold: read anyway (an odd sender's)
+    whole = _encode(ds)
+
+    def parse(data: bytes):
+        return parse_header(data if where == "memory" else _in_file(tmp_path, data), "1.2.840.10008.1.2.1")
+
+    header = parse(whole)
+    assert (header.rows, header.columns, header.study_description) == (512, 512, "D" * 70_000)
+    with pytest.raises(RejectedDataset, match=r"element \(7FE0,0010\) has 523288 of its 524288 bytes"):
+        parse(whole[:-1000])
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_long_encapsulated_pixel_data_is_walked_fragment_by_fragment(tmp_path, where):
+    ds = CTPhantom(slices=1, rows=8, columns=8).dataset(0)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+    ds.PixelData = encapsulate([b"\x01" * 40_000, b"\x02" * 40_000])  # 80 kB: skipped, not read
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    whole = _encode(ds)
+
+    def parse(data: bytes):
+        return parse_header(data if where == "memory" else _in_file(tmp_path, data), "1.2.840.10008.1.2.4.70")
+
+    assert parse(whole).sop_instance_uid == ds.SOPInstanceUID
+    assert parse(whole[:-4]).sop_instance_uid == ds.SOPInstanceUID  # the delimiter's zero length may be missing
+    for cut in (whole[:-8], whole[:-20_000]):  # without its delimiter; mid-fragment
+        with pytest.raises(RejectedDataset, match="truncated|cannot be parsed") as refused:
+            parse(cut)
+        assert refused.value.status == 0xC210

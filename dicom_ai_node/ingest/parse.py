@@ -10,20 +10,25 @@ Rows x Columns x Samples x Bits Allocated x Frames says.
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import struct
 import warnings
 import zlib
 from functools import cache
 from io import BytesIO
+from typing import BinaryIO
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_dataset  # the public meta reader takes only paths
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from dicom_ai_node.store.files import FileRange
 from dicom_ai_node.values import InstanceHeader
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -32,6 +37,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _OTHER_PIXEL_DATA = (Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))  # Float / Double Float Pixel Data
 _ITEM = (0xFFFE, 0xE000)
+# Values longer than this (pixel data, waveforms, documents) are skipped, not read: only their extent is
+# checked.  A 512x512 CT slice then costs no copy of its pixels, in memory or out of a STOW-RS part's file.
+_DEFERRED_BYTES = 1 << 16
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 
 
@@ -112,19 +120,40 @@ def _described_size(head: bytes) -> int:
 
 
 def parse_header(
-    raw: bytes,
+    dataset: bytes | FileRange,
     transfer_syntax: str,
     affected_sop_instance_uid: str | None = None,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
 ) -> InstanceHeader:
-    """Check `raw` (a dataset as sent, without file meta) and extract the index fields."""
+    """Check `dataset` (as sent, without file meta; in memory or in a file) and extract the index fields.
+
+    Long values are not read (`_DEFERRED_BYTES`), but every element must lie whole within the dataset.
+    """
+    if isinstance(dataset, FileRange):
+        with open(dataset.path, "rb", buffering=0) as file:
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:  # inflated in memory, step by step
+                file.seek(dataset.offset)
+                return _parse(file.read(dataset.size), transfer_syntax, affected_sop_instance_uid,
+                              max_inflated_bytes)
+            window = io.BufferedReader(_Window(file, dataset.offset, dataset.size), _DEFERRED_BYTES)
+            return _parse(window, transfer_syntax, affected_sop_instance_uid, max_inflated_bytes)
+    return _parse(dataset, transfer_syntax, affected_sop_instance_uid, max_inflated_bytes)
+
+
+def _parse(
+    dataset: bytes | BinaryIO, transfer_syntax: str, affected_sop_instance_uid: str | None, max_inflated_bytes: int
+) -> InstanceHeader:
     ts = UID(transfer_syntax)
-    data = inflate(raw, max_inflated_bytes) if ts == DeflatedExplicitVRLittleEndian else raw
+    if isinstance(dataset, bytes):
+        dataset = BytesIO(inflate(dataset, max_inflated_bytes) if ts == DeflatedExplicitVRLittleEndian else dataset)
+    total = dataset.seek(0, os.SEEK_END)
+    dataset.seek(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
-            _check_complete(ds, ts.is_little_endian, len(data))
+            ds = read_dataset(dataset, ts.is_implicit_VR, ts.is_little_endian, defer_size=_DEFERRED_BYTES)
+            _check_complete(ds, dataset, ts.is_little_endian, total)
+            _read_deferred_text(ds, dataset)
             return _header(ds, ts, affected_sop_instance_uid)
     except RejectedDataset:
         raise
@@ -132,26 +161,61 @@ def parse_header(
         raise RejectedDataset(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
 
 
-def _check_complete(ds: Dataset, little_endian: bool, total: int) -> None:
+class _Window(io.RawIOBase):
+    """`size` bytes from `offset` of an open file, as a file of their own (the dataset after a file's meta)."""
+
+    def __init__(self, file: io.FileIO, offset: int, size: int) -> None:
+        super().__init__()
+        self._file = file
+        self._offset = offset
+        self._size = size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = max(0, min(len(buffer), self._size - self._position))
+        if not count:
+            return 0
+        read = os.preadv(self._file.fileno(), [memoryview(buffer)[:count]], self._offset + self._position)
+        self._position += read
+        return read
+
+
+def _check_complete(ds: Dataset, stream: BinaryIO, little_endian: bool, total: int) -> None:
+    """Every element read or skipped must lie whole within the `total` bytes of the dataset."""
     if len(ds) == 0:
         raise RejectedDataset(CANNOT_UNDERSTAND, "dataset cannot be parsed: no data elements found")
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        value, length = getattr(raw, "value", None), getattr(raw, "length", None)
-        if length is None or value is None or not isinstance(value, bytes | bytearray):
+    for raw in ds.values():  # as read: a deferred value stays unread
+        if not isinstance(raw, RawDataElement):  # a sequence, which pydicom read whole
             continue
-        if length != UNDEFINED_LENGTH and length > total:
+        tag = raw.tag
+        if raw.length == UNDEFINED_LENGTH:
+            if tag == PIXEL_DATA:
+                _check_fragments(stream, raw.value_tell, total, little_endian)
+            continue
+        if raw.length > total:
             raise RejectedDataset(
                 CANNOT_UNDERSTAND,
-                f"not a valid DICOM dataset: element {tag} claims {length} bytes, the whole dataset has {total}",
+                f"not a valid DICOM dataset: element {tag} claims {raw.length} bytes, the whole dataset has {total}",
             )
-        if length != UNDEFINED_LENGTH and len(value) < length:
+        if raw.value_tell + raw.length > total:
             raise RejectedDataset(
                 CANNOT_UNDERSTAND,
-                f"dataset truncated: element {tag} has {len(value)} of its {length} bytes",
+                f"dataset truncated: element {tag} has {max(0, total - raw.value_tell)} of its {raw.length} bytes",
             )
-        if length == UNDEFINED_LENGTH and tag == PIXEL_DATA:
-            _check_fragments(value, little_endian)
     if PIXEL_DATA in ds:
         _check_native_pixel_length(ds)
     elif "Rows" in ds and not any(tag in ds for tag in _OTHER_PIXEL_DATA):
@@ -160,23 +224,47 @@ def _check_complete(ds: Dataset, little_endian: bool, total: int) -> None:
         )
 
 
-def _check_fragments(value: bytes, little_endian: bool) -> None:
-    """Walk the items of encapsulated pixel data; they must fill it exactly."""
-    fmt = "<HHL" if little_endian else ">HHL"
-    offset = 0
-    while offset + 8 <= len(value):
-        group, element, length = struct.unpack_from(fmt, value, offset)
+def _check_fragments(stream: BinaryIO, start: int, total: int, little_endian: bool) -> None:
+    """Walk the items of encapsulated pixel data from `start`; they must chain to its sequence delimiter
+    (whose length, always zero, may be missing at the very end, as pydicom allows)."""
+    tag_format, length_format = ("<HH", "<L") if little_endian else (">HH", ">L")
+    offset = start
+    while offset + 4 <= total:
+        stream.seek(offset)
+        group, element = struct.unpack(tag_format, stream.read(4))
         if (group, element) == _SEQUENCE_DELIMITER:
             return
-        if (group, element) != _ITEM or offset + 8 + length > len(value):
+        if (group, element) != _ITEM or offset + 8 > total:
+            break
+        (length,) = struct.unpack(length_format, stream.read(4))
+        if offset + 8 + length > total:
             break
         offset += 8 + length
-    if offset != len(value):
-        raise RejectedDataset(CANNOT_UNDERSTAND, "dataset truncated: encapsulated pixel data ends mid-fragment")
+    raise RejectedDataset(CANNOT_UNDERSTAND, "dataset truncated: encapsulated pixel data ends mid-fragment")
+
+
+def _read_deferred_text(ds: Dataset, stream: BinaryIO) -> None:
+    """Read the long values that are not bulk data (a text may be indexed, however odd its length)."""
+    for raw in list(ds.values()):  # as read: a deferred value stays unread
+        if not isinstance(raw, RawDataElement) or raw.value is not None or raw.length in (0, UNDEFINED_LENGTH):
+            continue
+        if (_dictionary_vr(raw.tag) if raw.VR in (None, "UN") else raw.VR) not in _BULK_VRS:
+            stream.seek(raw.value_tell)
+            ds[raw.tag] = raw._replace(value=stream.read(raw.length))
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # a private or unknown element: bytes as far as the node knows
+        return "UN"
+
+
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"})
 
 
 def _check_native_pixel_length(ds: Dataset) -> None:
-    raw = ds.get_item(PIXEL_DATA)
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if getattr(raw, "length", UNDEFINED_LENGTH) == UNDEFINED_LENGTH:
         return
     try:
@@ -188,7 +276,7 @@ def _check_native_pixel_length(ds: Dataset) -> None:
         raise RejectedDataset(DOES_NOT_MATCH_SOP_CLASS, f"pixel data without a valid image description: {exc}")
     expected_bits = rows * columns * samples * bits * frames
     expected = (expected_bits + 7) // 8
-    actual = len(raw.value or b"")
+    actual = raw.length  # all there: _check_complete
     if actual < expected:
         raise RejectedDataset(
             CANNOT_UNDERSTAND,

@@ -33,12 +33,12 @@ PROCESSING_FAILURE = 0x0110
 TRANSIENT = (OUT_OF_RESOURCES, PROCESSING_FAILURE)
 
 
-Part10 = bytes | memoryview | FileRange  # a file to store, in memory or in a spooled request body
+Part10 = bytes | memoryview | FileRange  # a file to store, in memory or received into a file (STOW-RS)
 
 
 @dataclass(frozen=True)
 class Arrival:
-    """One instance of a request, its header checked and its file being written (`Receiver.prepare`)."""
+    """One instance of a request, its header checked and its file being made durable (`Receiver.adopt`)."""
 
     header: InstanceHeader
     part10: Part10
@@ -153,18 +153,19 @@ class Receiver:
         with _arrivals.hold(header.sop_instance_uid):
             return self._receive(header, part10, sender)
 
-    def prepare(self, header: InstanceHeader, part10: Part10) -> Arrival:
-        """Start writing an instance's file (under a temporary name, fsynced) for `receive_many`, in the background."""
+    def adopt(self, header: InstanceHeader, incoming: FileRange) -> Arrival:
+        """Start making an instance received into an incoming file durable (`InstanceStore.adopt`) for
+        `receive_many`, in the background."""
         relative = self.store.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        return Arrival(header, part10, self._files.submit(self.store.prepare, relative, part10))
+        return Arrival(header, incoming, self._files.submit(self.store.adopt, relative, incoming))
 
     def receive_many(self, arrivals: list[Arrival], sender: Sender) -> list[Received]:
         """Ingest the instances of one request (a STOW-RS body) together, answering for each as `receive` would.
 
         The same guarantee, paid once per request rather than once per instance: the
-        files, written and fsynced in parallel by `prepare`, are named, their folders
+        files, fsynced in parallel by `adopt`, are named, their folders
         fsynced once each, and all rows committed in one transaction; none counts as
         received before all of that is done.  A SOP Instance UID sent twice in the
         request is taken once first, then again as the duplicate it is.

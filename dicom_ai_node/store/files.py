@@ -25,12 +25,15 @@ _LENIENT_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" woul
 DIGEST_PREFIX = "sha256-"
 
 
+INCOMING = ".incoming"  # the folder, under the storage root, of instances still arriving (STOW-RS parts)
+
+
 @dataclass(frozen=True)
 class FileRange:
-    """`size` bytes at `offset` of an open file (a spooled STOW-RS body): copied into an instance file by the
-    kernel (copy_file_range), so an instance's bytes never pass through Python memory."""
+    """`size` bytes at `offset` of a file (a STOW-RS part received into a file of its own): read from there,
+    or copied by the kernel (copy_file_range), so an instance's bytes never pass through Python memory."""
 
-    fd: int
+    path: Path
     offset: int
     size: int
 
@@ -46,9 +49,11 @@ class Prepared:
     temporary: Path
     size: int
     created: bool  # its folder was made for it
+    owned: bool = True  # False for an incoming file (`adopt`), whose name its receiver removes
 
     def discard(self) -> None:
-        self.temporary.unlink(missing_ok=True)
+        if self.owned:
+            self.temporary.unlink(missing_ok=True)
 
 
 _temporary_numbers = itertools.count()
@@ -160,6 +165,33 @@ class InstanceStore:
             raise
         return Prepared(relative, temporary, len(data), created)
 
+    def incoming(self) -> tuple[Path, int]:
+        """A new file, open for writing, for an instance still arriving; `adopt` makes it durable without a copy.
+
+        Its receiver removes it (the stored instance is a second link to it); `reconcile` empties the folder
+        at start-up, after a crash.
+        """
+        folder = self.root / INCOMING
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{os.getpid()}.{threading.get_ident()}.{next(_temporary_numbers)}.tmp"
+        try:
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            self._raise_if_disk_full(exc, INCOMING, 0, False)
+            raise
+
+    def adopt(self, relative: str, source: FileRange) -> Prepared:
+        """`prepare` for an instance received whole into an `incoming` file: fsynced there, not copied."""
+        directory = (self.root / relative).parent
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(source.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return Prepared(relative, source.path, source.size, created, owned=False)
+
     def place(
         self, prepared: Prepared, replace: bool = True, results: bool = False,
         unsynced_directories: set[Path] | None = None,
@@ -176,9 +208,9 @@ class InstanceStore:
                 os.replace(prepared.temporary, final)
                 placed = True
             else:
-                placed = _link_unless_present(prepared.temporary, final)
+                placed = _link_unless_present(prepared.temporary, final, keep=not prepared.owned)
         except OSError as exc:
-            prepared.temporary.unlink(missing_ok=True)
+            prepared.discard()
             self._raise_if_disk_full(exc, prepared.relative, prepared.size, results)
             raise
         directory = final.parent
@@ -221,40 +253,46 @@ def _write_all(fd: int, data: bytes | memoryview | FileRange) -> None:
 
 def _copy_range(source: FileRange, fd: int) -> None:
     """Copy `source` to the end of `fd` in the kernel; by reads and writes where the filesystem cannot."""
-    copied = 0
+    source_fd = os.open(source.path, os.O_RDONLY)
     try:
+        copied = 0
+        try:
+            while copied < source.size:
+                count = os.copy_file_range(source_fd, fd, source.size - copied, source.offset + copied)
+                if not count:
+                    raise OSError(errno.EIO, f"{source.path} ends {source.size - copied} bytes early")
+                copied += count
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
         while copied < source.size:
-            count = os.copy_file_range(source.fd, fd, source.size - copied, source.offset + copied)
-            if not count:
-                raise OSError(errno.EIO, f"the source file ends {source.size - copied} bytes early")
-            copied += count
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    while copied < source.size:
-        block = os.pread(source.fd, min(1 << 20, source.size - copied), source.offset + copied)
-        if not block:
-            raise OSError(errno.EIO, f"the source file ends {source.size - copied} bytes early")
-        _write_all(fd, block)
-        copied += len(block)
+            block = os.pread(source_fd, min(1 << 20, source.size - copied), source.offset + copied)
+            if not block:
+                raise OSError(errno.EIO, f"{source.path} ends {source.size - copied} bytes early")
+            _write_all(fd, block)
+            copied += len(block)
+    finally:
+        os.close(source_fd)
 
 
-def _link_unless_present(temporary: Path, final: Path) -> bool:
-    """Give `temporary` the name `final` unless that exists (False); the temporary name goes either way."""
+def _link_unless_present(temporary: Path, final: Path, keep: bool = False) -> bool:
+    """Give `temporary` the name `final` unless that exists (False); the temporary name goes unless `keep`
+    (an incoming file, which its receiver removes; then a filesystem without hard links refuses)."""
     placed = True
     try:
         os.link(temporary, final)  # atomic, and refuses to replace
     except FileExistsError:
         placed = False
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) or keep:
             raise
         if not final.exists():  # a filesystem without hard links
             os.replace(temporary, final)
             return True
         placed = False
-    os.unlink(temporary)
+    if not keep:
+        os.unlink(temporary)
     return placed
 
 

@@ -11,7 +11,7 @@ start-up, before the SCP listens:
 - a whole `.dcm` without a row is deleted: it was never acknowledged, and indexing
   it from the file would mean trusting a copy nobody vouched for over the one the
   sender sends again (the receive path likewise replaces such a file);
-- `*.tmp` files are deleted.
+- `*.tmp` files are deleted, among them the STOW-RS parts still arriving (`.incoming`).
 
 A hospital archive holds millions of files, so the tree is not walked: only the
 folders of series that received something in the `WINDOW` before the newest
@@ -36,7 +36,7 @@ from pathlib import Path
 from sqlalchemy import Engine, Row, func, select
 
 from dicom_ai_node.events import EventKind, Level
-from dicom_ai_node.store.files import path_component
+from dicom_ai_node.store.files import INCOMING, path_component
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Event, Instance, Job, JobState, ResultObject, Series, Study
 
@@ -113,6 +113,7 @@ def reconcile(engine: Engine, root: Path, max_in_flight: int) -> Repair:
             repair.temporary_files += _delete_temporary(folder)
             repair.folders_checked += 1
     repair.temporary_files += _delete_temporary(root / _WORKERS_FOLDER)
+    repair.temporary_files += _delete_temporary(root / INCOMING)
     message = repair.summary()
     log.log(_LOG_LEVELS[repair.level], "%s", message)
     with engine.begin() as connection:

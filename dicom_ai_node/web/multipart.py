@@ -1,12 +1,13 @@
-"""multipart/related (RFC 2387) as DICOMweb uses it: media type parameters, parts located in a spooled body,
-and stored files written out as parts; a block at a time, so memory does not grow with a body's size."""
+"""multipart/related (RFC 2387) as DICOMweb uses it: media type parameters, parts located (and their content
+handed on) while a body arrives, and stored files written out as parts; a block at a time, so memory does not
+grow with a body's size."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 BLOCK_BYTES = 1 << 20  # read and written at a time
 PART_HEAD_BYTES = 1 << 16  # a part's header block, and the File Meta Information, fit in this
@@ -39,15 +40,27 @@ class MultipartError(ValueError):
     """The body is not a complete multipart message (malformed or truncated)."""
 
 
+class ContentSink(Protocol):
+    """Where a scanner puts each part's content as it goes by (a file per part)."""
+
+    def part_started(self, headers: dict[str, str]) -> None: ...
+
+    def content(self, data: memoryview) -> None: ...
+
+    def part_ended(self) -> None: ...
+
+
 class MultipartScanner:
     """Locates the parts of a multipart body while it arrives, fed in order a block at a time.
 
     Memory holds a part's header block and the tail of the last block, never a part's
-    content: parts are found as offsets into the body (kept in a file by the caller).
+    content: parts are found as offsets into the body (kept in a file by the caller), and
+    their content, once known to be content, goes to `sink` if there is one.
     `close` raises MultipartError unless the body ended with its close delimiter.
     """
 
-    def __init__(self, boundary: str) -> None:
+    def __init__(self, boundary: str, sink: ContentSink | None = None) -> None:
+        self._sink = sink
         self._delimiter = b"--" + boundary.encode("latin-1")
         self._content_end = b"\r\n" + self._delimiter
         self._pending = bytearray()  # unscanned bytes, starting at body offset `_offset`
@@ -111,17 +124,28 @@ class MultipartScanner:
             self._consume(headers_end + 4)
             self._content_start = self._offset
             self._state = "content"
+            if self._sink is not None:
+                self._sink.part_started(self._headers)
             return True
         if self._state == "content":
             found = pending.find(self._content_end)
             if found < 0:
-                self._consume(max(0, len(pending) - len(self._content_end) + 1))
+                self._consume_content(max(0, len(pending) - len(self._content_end) + 1))
                 return False
-            self.parts.append(Part(self._headers, self._content_start, self._offset + found))
-            self._consume(found + len(self._content_end))
+            self._consume_content(found)
+            self.parts.append(Part(self._headers, self._content_start, self._offset))
+            if self._sink is not None:
+                self._sink.part_ended()
+            self._consume(len(self._content_end))
             self._state = "head"
             return True
         return False
+
+    def _consume_content(self, count: int) -> None:
+        if self._sink is not None and count:
+            with memoryview(self._pending) as view, view[:count] as content:
+                self._sink.content(content)
+        self._consume(count)
 
     def _consume(self, count: int) -> None:
         del self._pending[:count]

@@ -1,6 +1,7 @@
-"""STOW-RS (PS3.18 §10.5): a request's body spooled to disk whole, its instances checked one by one and
-stored together through the ingest path C-STORE uses, and the Store Instances Response Module (PS3.18
-Annex I) listing what was stored, with which warning, and what failed and why."""
+"""STOW-RS (PS3.18 §10.5): each part of a request's body written to a file of its own and checked while the
+rest arrives, the instances stored together through the ingest path C-STORE uses once the body is whole, and
+the Store Instances Response Module (PS3.18 Annex I) listing what was stored, with which warning, and what
+failed and why."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import errno
 import logging
 import os
 import re
-import tempfile
 import warnings
-from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_dataset
@@ -22,13 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.ingest.contexts import ACCEPTED_TRANSFER_SYNTAXES, StoragePolicy, describe
 from dicom_ai_node.ingest.parse import DOES_NOT_MATCH_SOP_CLASS, RejectedDataset, parse_header, split_part10
 from dicom_ai_node.ingest.receive import Arrival, Received, Receiver
 from dicom_ai_node.store.files import DiskFull, FileRange, InstanceStore
 from dicom_ai_node.store.index import Arrivals, Index
-from dicom_ai_node.values import IngestOutcome, InstanceHeader, Sender
+from dicom_ai_node.values import IngestOutcome, Sender
 from dicom_ai_node.web.dicom_json import DICOM_JSON, dicom_json, tag
 from dicom_ai_node.web.metrics import Metrics
 from dicom_ai_node.web.multipart import (
@@ -94,30 +93,23 @@ class Stow:
         return Upload(self, boundary, sender, study_uid)
 
     def store(self, upload: Upload, base_url: str) -> StowResult:
-        """Check each part of a whole body, starting its file's write as soon as it passes, then store those
-        that passed together (`Receiver.receive_many`).  Nothing is written before the body is whole, so one
-        that did not arrive whole stores nothing; memory holds one instance at a time."""
-        fd = upload.spool.fileno()
+        """Store together (`Receiver.receive_many`) the parts of a whole body that passed their checks, and
+        answer for each.  Their files were written and checked while the body arrived; none is named, so none
+        is stored, before the whole body is here."""
         outcomes: list[_Outcome] = []
         arrivals: list[Arrival] = []
         numbers: list[int] = []
-        try:
-            for number, part in enumerate(upload.parts()):
-                checked = self.check(fd, part, upload.study_uid)
-                if isinstance(checked, InstanceHeader):
-                    arrivals.append(self.receiver.prepare(checked, FileRange(fd, part.start, part.end - part.start)))
-                    numbers.append(number)
-                    outcomes.append(_Outcome(None, None))  # replaced below
-                    continue
-                if checked.audit:
-                    self.receiver.refuse(checked.status, checked.reason, upload.sender, checked.sop_instance_uid)
-                outcomes.append(checked)
-            received = self.receiver.receive_many(arrivals, upload.sender)
-        except BaseException:
-            wait([arrival.prepared for arrival in arrivals])  # none may read the spool once it is closed
-            for arrival in arrivals:
-                _discard_prepared(arrival.prepared)
-            raise
+        for number, checked in enumerate(upload.checked()):
+            if isinstance(checked, Arrival):
+                arrivals.append(checked)
+                numbers.append(number)
+                outcomes.append(_Outcome(None, None))  # replaced below
+                continue
+            if checked.audit:
+                self.receiver.refuse(checked.status, checked.reason, upload.sender, checked.sop_instance_uid)
+            outcomes.append(checked)
+        received = self.receiver.receive_many(arrivals, upload.sender)
+        upload.remove_incoming()
         for number, arrival, answer in zip(numbers, arrivals, received):
             outcomes[number] = _outcome(arrival, answer)
         return self._answer(outcomes, upload.sender, base_url)
@@ -153,74 +145,85 @@ class Stow:
         studies = {outcome.study_uid for outcome in outcomes if not outcome.status}
         return StowResult(stored, failed, studies)
 
-    def check(self, fd: int, part: Part, study_uid: str | None) -> InstanceHeader | _Outcome:
-        """The header of the part's instance, or why it fails (with its SOP Class and Instance UIDs when readable)."""
+    def check(self, part: Part, path: Path, study_uid: str | None) -> Arrival | _Outcome:
+        """The part's instance (received into `path`), its file being made durable, or why it fails (with its
+        SOP Class and Instance UIDs when readable)."""
         media = parse_media_type(part.headers.get("content-type", "application/dicom"))[0]
         if media != "application/dicom":
             return _Outcome(None, None, CANNOT_UNDERSTAND, f"part of type {media}, expected application/dicom")
-        data = os.pread(fd, part.end - part.start, part.start)  # one instance in memory
-        try:
-            meta, offset = split_part10(data)
-        except Exception as exc:  # pydicom raises many types for garbage
-            sop_class, sop_uid = _referenced_uids(data[:PART_HEAD_BYTES], None)
-            return _Outcome(sop_class, sop_uid, CANNOT_UNDERSTAND, f"not a DICOM file (PS3.10): {exc}")
-        ts = str(meta.TransferSyntaxUID)
-        sop_class = str(meta.get("MediaStorageSOPClassUID", "")) or None
-        sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
-        if sop_class is None or sop_uid is None:
-            found = _referenced_uids(data[offset : offset + PART_HEAD_BYTES], ts)
-            sop_class, sop_uid = sop_class or found[0], sop_uid or found[1]
+        size = part.end - part.start
+        with open(path, "rb", buffering=0) as file:
+            head = file.read(PART_HEAD_BYTES)  # the File Meta; the dataset is read from the file as needed
+            try:
+                meta, offset = split_part10(head)
+            except Exception as exc:  # pydicom raises many types for garbage
+                sop_class, sop_uid = _referenced_uids(head, None)
+                return _Outcome(sop_class, sop_uid, CANNOT_UNDERSTAND, f"not a DICOM file (PS3.10): {exc}")
+            ts = str(meta.TransferSyntaxUID)
+            sop_class = str(meta.get("MediaStorageSOPClassUID", "")) or None
+            sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
+            if sop_class is None or sop_uid is None:
+                file.seek(offset)
+                found = _referenced_uids(file.read(PART_HEAD_BYTES), ts)
+                sop_class, sop_uid = sop_class or found[0], sop_uid or found[1]
         if sop_class is None or not self.policy.accepts(sop_class):
             return _Outcome(sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED,
                             f"SOP class {describe(sop_class) if sop_class else '(none)'} is not stored here")
         if ts not in _ACCEPTED_TS:
             return _Outcome(sop_class, sop_uid, TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} not accepted")
         try:
-            header = parse_header(data[offset:], ts, sop_uid, self.receiver.max_inflated_bytes)
+            dataset = FileRange(path, offset, size - offset)
+            header = parse_header(dataset, ts, sop_uid, self.receiver.max_inflated_bytes)
         except RejectedDataset as exc:
             return _Outcome(sop_class, sop_uid, exc.status, str(exc), audit=True)
         if study_uid is not None and header.study_instance_uid != study_uid:
             mismatch = f"StudyInstanceUID {header.study_instance_uid} differs from the study in the URL {study_uid}"
             return _Outcome(header.sop_class_uid, header.sop_instance_uid, DOES_NOT_MATCH_SOP_CLASS, mismatch,
                             audit=True)
-        return header
-
-
-def _discard_prepared(preparing: Future) -> None:
-    """Remove the temporary file of an instance that will not be stored (a request failed midway)."""
-    if preparing.exception() is None:
-        preparing.result().discard()
+        return self.receiver.adopt(header, FileRange(path, 0, size))
 
 
 class Upload:
-    """One STOW-RS request body, spooled whole to an unnamed file and its parts located while it arrives.
+    """One STOW-RS request body, each part written to a file of its own while it arrives (`InstanceStore.incoming`)
+    and checked (`Stow.check`) as soon as it is whole, while the rest arrives.  Its instances are stored (given
+    their names) only once the whole body is here.
 
-    Close it (a `with` block) in every case.
+    Close it (a `with` block) in every case: the incoming files go, and the instances not stored with them.
     """
 
     def __init__(self, stow: Stow, boundary: str, sender: Sender, study_uid: str | None) -> None:
         self.sender = sender
         self.study_uid = study_uid
-        self.scanner = MultipartScanner(boundary)
+        self.scanner = MultipartScanner(boundary, sink=self)
+        self.stow = stow
         self.store = stow.instance_store
-        # No name (O_TMPFILE): gone once closed, even after kill -9.  Unbuffered: a part found is in the file.
-        self.spool = tempfile.TemporaryFile(dir=self.store.root, buffering=0)
+        self._incoming: list[Path] = []  # each part's file, in order
+        self._writing: int | None = None  # the file of the part arriving now
+        self._checked: list[Arrival | _Outcome] = []  # of the parts found whole so far
 
     def __enter__(self) -> Upload:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.spool.close()
+        if self._writing is not None:
+            os.close(self._writing)
+            self._writing = None
+        self.remove_incoming()
+
+    def remove_incoming(self) -> None:
+        """Remove the incoming files: a stored instance is a second name of its file, and stays."""
+        for path in self._incoming:
+            path.unlink(missing_ok=True)
+        self._incoming.clear()
 
     async def receive(self, request: Request, limit: int) -> None:
-        """Spool the whole body; 413 past `limit` bytes, whether announced by Content-Length or found while
-        reading a chunked body; 507 when the disk cannot hold the body and then the instances made from it
-        (twice its size) above storage.min_free_mb.  Nothing is stored before all of it arrived."""
+        """Receive the whole body; 413 past `limit` bytes, whether announced by Content-Length or found while
+        reading a chunked body; 507 when the disk cannot hold it above storage.min_free_mb."""
         length = request.headers.get("content-length", "")
         declared = int(length) if re.fullmatch(r"[0-9]{1,19}", length) else 0
         if declared > limit:
             raise HTTPProblem(413, f"request body of {declared} bytes exceeds web.max_request_mb")
-        await run_in_threadpool(_check_space, self.store, 2 * declared)
+        await run_in_threadpool(_check_space, self.store, declared)
         received, pending = 0, bytearray()
         async for chunk in request.stream():
             received += len(chunk)
@@ -228,33 +231,51 @@ class Upload:
                 raise HTTPProblem(413, "request body exceeds web.max_request_mb")
             pending += chunk
             if len(pending) >= BLOCK_BYTES:
-                await run_in_threadpool(self._spool, pending, received)
+                await run_in_threadpool(self._receive_block, pending)
                 pending = bytearray()
-        await run_in_threadpool(self._spool, pending, received)
+        await run_in_threadpool(self._receive_block, pending)
 
-    def _spool(self, data: bytearray, received: int) -> None:
-        """Append to the spool while the disk, after the body so far, still has room for as much again;
-        then locate the parts it completes."""
-        _check_space(self.store, received)
+    def _receive_block(self, data: bytearray) -> None:
+        """Write the block's content to its parts' files while the disk keeps its floor, and check the parts it
+        completes."""
+        _check_space(self.store, len(data))
         try:
-            view = memoryview(data)
-            while view:  # an unbuffered file may take less than all
-                view = view[self.spool.write(view) :]
+            parts = self.scanner.feed(data)
+        except MultipartError as exc:
+            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+        for part in parts:
+            number = len(self._checked)
+            self._checked.append(self.stow.check(part, self._incoming[number], self.study_uid))
+
+    def part_started(self, headers: dict[str, str]) -> None:
+        try:
+            path, self._writing = self.store.incoming()
+        except DiskFull:
+            raise HTTPProblem(507, "the disk filled up while receiving the request; nothing stored") from None
+        self._incoming.append(path)
+
+    def content(self, data: memoryview) -> None:
+        assert self._writing is not None, "content before a part's headers"
+        try:
+            while data:  # a file may take less than all
+                data = data[os.write(self._writing, data) :]
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise HTTPProblem(507, "the disk filled up while receiving the request; nothing stored") from None
             raise
-        try:
-            self.scanner.feed(data)
-        except MultipartError as exc:
-            raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
 
-    def parts(self) -> list[Part]:
-        """The parts of the whole body; 400 if it is not a whole multipart body."""
+    def part_ended(self) -> None:
+        if self._writing is not None:
+            os.close(self._writing)
+            self._writing = None
+
+    def checked(self) -> list[Arrival | _Outcome]:
+        """What the check of each part found; 400 if the body is not a whole multipart body."""
         try:
-            return self.scanner.close()
+            self.scanner.close()
         except MultipartError as exc:
             raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
+        return self._checked
 
 
 def _outcome(arrival: Arrival, received: Received) -> _Outcome:
