@@ -24,7 +24,7 @@ from pathlib import Path
 from dicom_ai_node import __version__
 from dicom_ai_node.config import Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
-from dicom_ai_node.inference.model import Model, ModelUnavailable
+from dicom_ai_node.inference.model import Model, ModelUnavailable, result_identity
 from dicom_ai_node.inference.registry import ModelRegistry
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
@@ -121,8 +121,10 @@ class Worker:
         """SEG then SR, with UIDs derived from model and inputs: a re-run rewrites the same objects."""
         sources = [frame.sop_instance_uid for frame in volume.frames]
 
+        identity = result_identity(model, self.config.models[job.model])
+
         def uid(kind: str) -> str:
-            return derive_uid(kind, model.name, model.version, sources)
+            return derive_uid(kind, model.name, identity, sources)
 
         software = f"{__version__} {model.name} {model.version}"
         seg = build_seg(

@@ -14,7 +14,7 @@ import yaml
 
 from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.bundle import ANATOMICAL_STRUCTURE, MonaiBundleModel
-from dicom_ai_node.inference.model import ModelUnavailable
+from dicom_ai_node.inference.model import ModelUnavailable, result_identity
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.inference.volume import load_volume
@@ -248,3 +248,34 @@ def test_torchscript_model_resamples_to_the_target_spacing_and_back(threshold_fi
 
     assert masks.shape == (1, *volume.shape)
     assert dice(masks[0], volume.pixels < 200) >= 0.9
+
+
+def test_identity_follows_weights_configs_and_settings_not_the_version(tmp_path, demo):
+    """Issue 11.5: a bundle retrained (or reconfigured) under the same metadata version must not write its SEG
+    and SR under the UIDs of the first, which a PACS would take for the same objects."""
+    moved = MonaiBundleModel("demo-mr", bundle_config(copy_bundle(tmp_path / "moved")))
+    assert moved.identity == demo.identity and demo.identity.startswith(f"{demo.version} sha256:")
+
+    retrained = copy_bundle(tmp_path / "retrained")
+    state = torch.load(retrained / "models" / "model.pt", weights_only=True)
+    state = {key: value + 0.01 if value.is_floating_point() else value for key, value in state.items()}
+    torch.save(state, retrained / "models" / "model.pt")
+    reconfigured = copy_bundle(tmp_path / "reconfigured")
+    edit_json(reconfigured / "configs" / "inference.json",
+              lambda config: config.setdefault("_comment", "a threshold changed"))
+    identities = {MonaiBundleModel("demo-mr", bundle_config(path)).identity for path in (retrained, reconfigured)}
+    assert demo.version == "0.1.0" and len(identities | {demo.identity}) == 3
+
+    settings = [bundle_config(BUNDLE), bundle_config(BUNDLE, device="cpu"), bundle_config(BUNDLE, seg_type="labelmap"),
+                bundle_config(BUNDLE, orientation="LPS")]
+    results = [result_identity(demo, config) for config in settings]
+    assert results[0] == results[1], "where it runs does not change what it writes"
+    assert len(set(results)) == 3, "settings that change the objects written change their UIDs"
+
+
+def test_torchscript_identity_is_its_content(threshold_file, tmp_path):
+    copy = tmp_path / "copy.ts"
+    copy.write_bytes(threshold_file.read_bytes())
+    models = [TorchScriptModel("t", path, "cpu", None, None, (32, 32, 32), LABELS) for path in (threshold_file, copy)]
+    assert models[0].identity == models[1].identity == models[0].version
+    assert models[0].identity.startswith("sha256:") and len(models[0].identity) == len("sha256:") + 16

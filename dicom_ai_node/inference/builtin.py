@@ -51,6 +51,7 @@ class BuiltinCTModel:
 
     name = "builtin-ct-tissue"
     version = "1.0"
+    identity = version  # its code is its weights: a change to what it returns comes with a new version
 
     BODY_MIN_HU = -500.0  # body is denser than this; lung air and outside air are not
     BONE_MIN_HU = 300.0  # above soft tissue and unenhanced blood; below cortical and most trabecular bone

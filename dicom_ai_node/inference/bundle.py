@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 
 from dicom_ai_node.config import MonaiBundleConfig
-from dicom_ai_node.inference.model import ModelUnavailable, resolve_device
+from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
 
@@ -193,28 +193,33 @@ class MonaiBundleModel:
             self.preprocessing = in_memory_preprocessing(parser, config.orientation)
             self.postprocessing = _in_memory_postprocessing(parser)
             self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
-            self.network = self._load_network(parser)
+            self.network, weights = self._load_network(parser)
         except ModelUnavailable as exc:
             raise ModelUnavailable(f"{name}: bundle {self.path}: {exc}") from exc
         except Exception as exc:  # a bundle config can fail in any component's constructor
             raise ModelUnavailable(f"{name}: bundle {self.path} cannot be loaded: {exc!r}") from exc
+        # The version alone does not tell weights apart (a retrained bundle often keeps it): its configs and
+        # the weights it loads do.
+        configs = sorted(path for path in (self.path / "configs").rglob("*") if path.is_file())
+        self.identity = f"{self.version} {file_digest(*configs, weights)}"
 
-    def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
-        """models/model.ts (TorchScript, self-contained) if present, else models/model.pt into network_def."""
+    def _load_network(self, parser: ConfigParser) -> tuple[torch.nn.Module, Path]:
+        """models/model.ts (TorchScript, self-contained) if present, else models/model.pt into network_def;
+        with the file it came from."""
         scripted = self.path / "models" / "model.ts"
         if scripted.is_file():
             network = torch.jit.load(str(scripted), map_location=self.device)
-        else:
-            weights = self.path / "models" / "model.pt"
-            if not weights.is_file():
-                raise ModelUnavailable("neither models/model.ts nor models/model.pt exists")
-            network = parser.get_parsed_content("network_def")
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            if isinstance(state.get("model"), dict):  # saved by a CheckpointSaver with more than the network
-                state = state["model"]
-            network.load_state_dict(state)
-            network.to(self.device)
-        return network.eval()
+            return network.eval(), scripted
+        weights = self.path / "models" / "model.pt"
+        if not weights.is_file():
+            raise ModelUnavailable("neither models/model.ts nor models/model.pt exists")
+        network = parser.get_parsed_content("network_def")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state.get("model"), dict):  # saved by a CheckpointSaver with more than the network
+            state = state["model"]
+        network.load_state_dict(state)
+        network.to(self.device)
+        return network.eval(), weights
 
     def predict(self, volume: Volume) -> Segmentation:
         """Segment the volume; the masks lie on exactly its grid."""

@@ -7,7 +7,6 @@ with MONAI transforms on the in-memory volume, then maps the argmax back onto th
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing
 
 from dicom_ai_node.inference.bundle import Axcodes, coded_segments, label_masks, to_source_grid
-from dicom_ai_node.inference.model import ModelUnavailable, resolve_device
+from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume
 
@@ -50,7 +49,7 @@ class TorchScriptModel:
         if not labels:
             raise ModelUnavailable(f"{name}: a torchscript model needs models.{name}.labels for its output channels")
         # A TorchScript file has no version of its own; its content hash identifies it in SEG and SR.
-        self.version = "sha256:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        self.identity = self.version = file_digest(self.path)
         self.segments = coded_segments(list(labels), labels, name)
         transforms = [Orientation(axcodes=orientation, labels=None)]
         if target_spacing is not None:

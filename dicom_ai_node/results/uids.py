@@ -18,11 +18,14 @@ _NAMESPACE = uuid.UUID("4a351aa3-99c3-46c5-88dd-35ab408be37a")
 def derive_uid(
     kind: str,
     model_name: str,
-    model_version: str,
+    model_identity: str,
     source_sop_instance_uids: Iterable[str],
     extra: str = "",
 ) -> str:
     """A "2.25.<decimal UUID>" UID (PS3.5 B.2) that depends only on its inputs.
+
+    `model_identity` tells apart models that write different objects under one name and version (other
+    weights, other settings: `inference.model.result_identity`).
 
     The source UIDs are treated as a set (order and repeats do not matter), so the
     same series received in another order maps to the same result.  `kind` keeps
@@ -34,7 +37,7 @@ def derive_uid(
     sources = sorted(set(source_sop_instance_uids))
     if not sources:
         raise ValueError("at least one source SOP Instance UID is required")
-    return name_uid(kind, model_name, model_version, extra, *sources)
+    return name_uid(kind, model_name, model_identity, extra, *sources)
 
 
 def name_uid(*parts: str) -> str:
