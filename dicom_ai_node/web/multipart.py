@@ -70,11 +70,12 @@ class MultipartScanner:
         self._content_start = 0
         self.parts: list[Part] = []
 
-    def feed(self, block: bytes | bytearray | memoryview) -> list[Part]:
-        """The parts the body up to the end of `block` completes."""
+    def feed(self, *blocks: bytes | bytearray | memoryview) -> list[Part]:
+        """The parts the body up to the end of `blocks` (consecutive) completes."""
         if self._state == "closed":  # the epilogue is ignored (RFC 2046 §5.1.1)
             return []
-        self._pending += block
+        for block in blocks:
+            self._pending += block
         found = len(self.parts)
         while self._step():
             pass

@@ -224,23 +224,24 @@ class Upload:
         if declared > limit:
             raise HTTPProblem(413, f"request body of {declared} bytes exceeds web.max_request_mb")
         await run_in_threadpool(_check_space, self.store, declared)
-        received, pending = 0, bytearray()
+        received, pending, pending_bytes = 0, [], 0
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
                 raise HTTPProblem(413, "request body exceeds web.max_request_mb")
-            pending += chunk
-            if len(pending) >= BLOCK_BYTES:
-                await run_in_threadpool(self._receive_block, pending)
-                pending = bytearray()
-        await run_in_threadpool(self._receive_block, pending)
+            pending.append(chunk)
+            pending_bytes += len(chunk)
+            if pending_bytes >= BLOCK_BYTES:
+                await run_in_threadpool(self._receive_block, pending, pending_bytes)
+                pending, pending_bytes = [], 0
+        await run_in_threadpool(self._receive_block, pending, pending_bytes)
 
-    def _receive_block(self, data: bytearray) -> None:
-        """Write the block's content to its parts' files while the disk keeps its floor, and check the parts it
-        completes."""
-        _check_space(self.store, len(data))
+    def _receive_block(self, chunks: list[bytes], size: int) -> None:
+        """Write the content of the next `size` bytes of the body (`chunks`, as received) to their parts' files
+        while the disk keeps its floor, and check the parts they complete."""
+        _check_space(self.store, size)
         try:
-            parts = self.scanner.feed(data)
+            parts = self.scanner.feed(*chunks)
         except MultipartError as exc:
             raise HTTPProblem(400, f"malformed multipart body, nothing stored: {exc}") from None
         for part in parts:
