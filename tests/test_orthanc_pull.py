@@ -200,9 +200,9 @@ def test_node_manufacturer_is_what_the_worker_writes():
 def test_split_part10_hands_over_the_dataset_untouched(tmp_path):
     _, (path, *_) = _ct(tmp_path, slices=1)
     data = path.read_bytes()
-    meta, offset = split_part10(data)
-    dataset = data[offset:]
-    assert meta.TransferSyntaxUID == pydicom.dcmread(path).file_meta.TransferSyntaxUID
+    meta = split_part10(data)
+    dataset = data[meta.dataset_offset :]
+    assert meta.transfer_syntax_uid == pydicom.dcmread(path).file_meta.TransferSyntaxUID
     assert data.endswith(dataset) and dataset[:2] != b"\x02\x00"
     with pytest.raises(ValueError, match="Part-10"):
         split_part10(dataset)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from io import BytesIO
+from pathlib import Path
 
 import pytest
 
@@ -12,10 +14,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dicom_ai_node.ingest.parse import RejectedDataset, parse_header
+from dicom_ai_node.ingest.parse import RejectedDataset, parse_header, split_part10
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.store.files import FileRange, InstanceStore
 
@@ -206,3 +209,34 @@ def test_long_encapsulated_pixel_data_is_walked_fragment_by_fragment(tmp_path, w
         with pytest.raises(RejectedDataset, match="truncated|cannot be parsed") as refused:
             parse(cut)
         assert refused.value.status == 0xC210
+
+
+def test_file_meta_reads_as_pydicom_reads_it_for_every_file_pydicom_ships():
+    """split_part10 reads the File Meta element by element (a STOW-RS part's check is benchmarked); on every
+    Part-10 file of pydicom's and pydicom-data's test sets it finds what pydicom's own reader finds."""
+    import data_store  # pydicom-data's package
+    import pydicom.data
+
+    folders = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
+    compared = 0
+    for path in (path for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()):
+        with open(path, "rb") as file:
+            data = file.read(1 << 16)  # the File Meta is in the first 64 KiB, as split_part10 reads it
+        if data[128:132] != b"DICM":
+            continue
+        stream = BytesIO(data)
+        stream.seek(132)
+        try:
+            expected = _read_file_meta_info(stream)
+        except Exception:  # a file pydicom cannot read either
+            continue
+        if "TransferSyntaxUID" not in expected:
+            with pytest.raises(ValueError, match="no TransferSyntaxUID"):
+                split_part10(data)
+            continue
+        meta = split_part10(data)
+        assert (meta.transfer_syntax_uid, meta.sop_class_uid, meta.sop_instance_uid, meta.dataset_offset) == (
+            expected.TransferSyntaxUID, expected.get("MediaStorageSOPClassUID") or None,
+            expected.get("MediaStorageSOPInstanceUID") or None, stream.tell()), path
+        compared += 1
+    assert compared > 100

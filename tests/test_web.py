@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import secrets
 from io import BytesIO
 from pathlib import Path
@@ -19,7 +20,13 @@ from pydicom.dataset import FileMetaDataset
 from dicom_ai_node.config import WebSection
 from dicom_ai_node.phantoms import CTPhantom
 from dicom_ai_node.web.app import Authenticator, AuthError
-from dicom_ai_node.web.multipart import parse_media_type, parse_multipart, read_range
+from dicom_ai_node.web.multipart import (
+    MultipartError,
+    MultipartScanner,
+    parse_media_type,
+    parse_multipart,
+    read_range,
+)
 
 TOKEN = secrets.token_urlsafe(24)
 READ_ONLY_TOKEN = secrets.token_urlsafe(24)
@@ -308,3 +315,62 @@ def test_basic_users_and_tokens_from_environment_variables():
         assert raised.value.status == 401
     with pytest.raises(AuthError, match="SCRIPT_TOKEN"):
         Authenticator(settings, {"ALICE_PW": "s3cret"})
+
+
+class _Parts:
+    """A ContentSink that keeps each part's headers and content, as STOW-RS writes them to files."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[dict[str, str], bytearray]] = []
+        self.open = False
+
+    def part_started(self, headers: dict[str, str]) -> None:
+        assert not self.open
+        self.open = True
+        self.parts.append((headers, bytearray()))
+
+    def content(self, data: memoryview) -> None:
+        assert self.open
+        self.parts[-1][1].extend(data)
+
+    def part_ended(self) -> None:
+        assert self.open
+        self.open = False
+
+
+def test_multipart_scanner_finds_every_part_however_the_body_is_cut():
+    """The scanner hands content on straight from the blocks it is fed (no copy), holding back the few bytes a
+    delimiter may begin with: bodies full of near-delimiters, cut at random places, give back exactly their
+    parts, and cut short they are refused."""
+    rng = random.Random(20261130)
+    trials = 0
+    while trials < 1000:
+        boundary = secrets.token_hex(rng.randint(1, 8))
+        delimiter = b"--" + boundary.encode()
+        contents = []
+        for _ in range(rng.randint(1, 5)):
+            pieces = [rng.choice([b"\r\n" + delimiter[: rng.randint(0, len(delimiter) - 1)], delimiter,
+                                  rng.randbytes(rng.randint(0, 300))]) for _ in range(rng.randint(0, 6))]
+            contents.append(b"".join(pieces))
+        if any((content + b"\r\n" + delimiter).find(b"\r\n" + delimiter) != len(content) for content in contents):
+            continue  # a content that holds its own delimiter is not a part but two
+        trials += 1
+        body = rng.choice([b"", b"preamble\r\n"]) + b"".join(
+            delimiter + b"\r\nContent-Type: application/dicom\r\n\r\n" + content + b"\r\n" for content in contents
+        ) + delimiter + b"--\r\nepilogue"
+        cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 12))))
+        blocks = [body[start:end] for start, end in zip([0, *cuts], [*cuts, len(body)])]
+        sink = _Parts()
+        scanner = MultipartScanner(boundary, sink)
+        while blocks:
+            count = rng.randint(1, 3)
+            scanner.feed(*blocks[:count])
+            blocks = blocks[count:]
+        parts = scanner.close()
+        assert [bytes(content) for _, content in sink.parts] == contents
+        assert [body[part.start : part.end] for part in parts] == contents
+        assert all(headers == {"content-type": "application/dicom"} for headers, _ in sink.parts)
+        short = MultipartScanner(boundary, _Parts())
+        short.feed(body[: rng.randrange(len(body) - len(b"--\r\nepilogue"))])
+        with pytest.raises(MultipartError):
+            short.close()

@@ -182,12 +182,12 @@ class OrthancPuller:
         except orthanc_errors.ResourceNotFound:
             return 0  # deleted from Orthanc meanwhile
         try:
-            meta, offset = split_part10(data)
+            meta = split_part10(data)
         except ValueError as exc:
             log.error("%s: instance %s is not usable: %s", self.name, instance_id, exc)
             return 0
         received = self.receiver.receive(
-            data[offset:], meta.TransferSyntaxUID, lambda: data, self.sender, sop_instance_uid
+            data[meta.dataset_offset :], meta.transfer_syntax_uid, lambda: data, self.sender, sop_instance_uid
         )
         if received.status in (OUT_OF_RESOURCES, PROCESSING_FAILURE):
             raise _RetryLater(f"instance {sop_instance_uid or instance_id} not ingested: {received.reason}")

@@ -16,6 +16,7 @@ import re
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
 from typing import BinaryIO
@@ -421,28 +422,67 @@ def _header(ds: Dataset, ts: UID, affected_sop_instance_uid: str | None) -> Inst
     )
 
 
-def split_part10(data: bytes | memoryview) -> tuple[Dataset, int]:
-    """File Meta of a Part-10 file and the offset where its dataset starts (the bytes after it go on untouched).
+@dataclass(frozen=True)
+class FileMeta:
+    """What the node needs of a Part-10 file's File Meta Information (PS3.10 §7.1)."""
 
-    Read as PS3.10 says it is encoded (explicit VR little endian), and only if that fails as leniently as
-    pydicom reads it (some writers encode it implicitly).
-    """
+    transfer_syntax_uid: str
+    sop_class_uid: str | None  # Media Storage SOP Class UID
+    sop_instance_uid: str | None  # Media Storage SOP Instance UID
+    dataset_offset: int  # where the dataset starts; the bytes after it go on untouched
+
+
+_FILE_META_UIDS = {0x0002: "sop_class_uid", 0x0003: "sop_instance_uid", 0x0010: "transfer_syntax_uid"}
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def split_part10(data: bytes | memoryview) -> FileMeta:
+    """The File Meta of a Part-10 file, read as PS3.10 encodes it (explicit VR little endian) element by element;
+    as leniently as pydicom reads it only when that fails (some writers encode it implicitly).  ValueError if
+    the file is not Part-10 or has no Transfer Syntax UID."""
     if len(data) < 132 or bytes(data[128:132]) != b"DICM":
         raise ValueError("not a DICOM Part-10 file (no 128-byte preamble followed by DICM)")
-    head = BytesIO(data[: min(len(data), 1 << 16)])
-    head.seek(132)
+    head = bytes(data[: min(len(data), 1 << 16)])
+    values: dict[str, str | None] = {"sop_class_uid": None, "sop_instance_uid": None, "transfer_syntax_uid": None}
+    position = 132
+    while position + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, position)
+        if group != 2:
+            break
+        vr = head[position + 4 : position + 6]
+        if not vr.isalpha() or not vr.isupper():
+            return _lenient_file_meta(head)
+        if vr in _LONG_VRS:
+            if position + 12 > len(head):
+                return _lenient_file_meta(head)
+            (length,) = struct.unpack_from("<L", head, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, position + 6)
+            start = position + 8
+        if length == UNDEFINED_LENGTH or start + length > len(head):
+            return _lenient_file_meta(head)
+        if element in _FILE_META_UIDS:
+            text = head[start : start + length].decode("ascii", "replace").strip(" \x00")
+            values[_FILE_META_UIDS[element]] = text or None
+        position = start + length
+    if not values["transfer_syntax_uid"]:
+        raise ValueError("the File Meta Information has no TransferSyntaxUID (0002,0010)")
+    return FileMeta(dataset_offset=position, **values)  # type: ignore[arg-type]
+
+
+def _lenient_file_meta(head: bytes) -> FileMeta:
+    stream = BytesIO(head)
+    stream.seek(132)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            meta = read_dataset(head, False, True, stop_when=_after_file_meta)
-            str(meta.TransferSyntaxUID)
-        except Exception:  # not explicit VR: pydicom's lenient reader tells what it is
-            head.seek(132)
-            meta = _read_file_meta_info(head)
+        meta = _read_file_meta_info(stream)
     if "TransferSyntaxUID" not in meta:
         raise ValueError("the File Meta Information has no TransferSyntaxUID (0002,0010)")
-    return meta, head.tell()
-
-
-def _after_file_meta(tag: int, vr: str | None, length: int) -> bool:
-    return tag >> 16 != 2
+    return FileMeta(
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
+        sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")) or None,
+        sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "")) or None,
+        dataset_offset=stream.tell(),
+    )

@@ -171,11 +171,13 @@ class InstanceStore:
         Its receiver removes it (the stored instance is a second link to it); `reconcile` empties the folder
         at start-up, after a crash.
         """
-        folder = self.root / INCOMING
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{os.getpid()}.{threading.get_ident()}.{next(_temporary_numbers)}.tmp"
+        path = self.root / INCOMING / f"{os.getpid()}.{threading.get_ident()}.{next(_temporary_numbers)}.tmp"
         try:
-            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileNotFoundError:  # the first part this storage receives
+                path.parent.mkdir(exist_ok=True)
+                return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             self._raise_if_disk_full(exc, INCOMING, 0, False)
             raise

@@ -53,9 +53,9 @@ class ContentSink(Protocol):
 class MultipartScanner:
     """Locates the parts of a multipart body while it arrives, fed in order a block at a time.
 
-    Memory holds a part's header block and the tail of the last block, never a part's
-    content: parts are found as offsets into the body (kept in a file by the caller), and
-    their content, once known to be content, goes to `sink` if there is one.
+    Memory holds a part's header block and a few bytes of the last block, never a part's
+    content: parts are found as offsets into the body, and their content, once known to be
+    content, goes to `sink` if there is one, straight from the block it came in (not copied).
     `close` raises MultipartError unless the body ended with its close delimiter.
     """
 
@@ -63,22 +63,22 @@ class MultipartScanner:
         self._sink = sink
         self._delimiter = b"--" + boundary.encode("latin-1")
         self._content_end = b"\r\n" + self._delimiter
-        self._pending = bytearray()  # unscanned bytes, starting at body offset `_offset`
+        self._pending = b""  # bytes of earlier blocks not scanned yet: a cut header block or delimiter
+        self._data: bytes | bytearray = b""  # what is being scanned, from `_position` (body offset `_offset`)
+        self._position = 0
         self._offset = 0
         self._state = "preamble"  # then "head" (after a delimiter), "content", "closed"
         self._headers: dict[str, str] = {}
         self._content_start = 0
         self.parts: list[Part] = []
 
-    def feed(self, *blocks: bytes | bytearray | memoryview) -> list[Part]:
+    def feed(self, *blocks: bytes | bytearray) -> list[Part]:
         """The parts the body up to the end of `blocks` (consecutive) completes."""
-        if self._state == "closed":  # the epilogue is ignored (RFC 2046 §5.1.1)
-            return []
-        for block in blocks:
-            self._pending += block
         found = len(self.parts)
-        while self._step():
-            pass
+        for block in blocks:
+            if self._state == "closed":  # the epilogue is ignored (RFC 2046 §5.1.1)
+                break
+            self._scan(block)
         return self.parts[found:]
 
     def close(self) -> list[Part]:
@@ -94,46 +94,60 @@ class MultipartScanner:
             raise MultipartError("the multipart body has no parts")
         return self.parts
 
+    def _scan(self, block: bytes | bytearray) -> None:
+        pending, end = self._pending, self._content_end
+        if pending and self._state == "content" and len(block) >= len(end) - 1:
+            # The few bytes held back in case a delimiter began there: content unless one does.
+            if (pending + bytes(block[: len(end) - 1])).find(end) < 0:
+                self._data, self._position = pending, 0
+                self._consume_content(len(pending))
+                pending = b""
+        self._data, self._position = (pending + bytes(block)) if pending else block, 0
+        while self._step():
+            pass
+        self._pending = bytes(self._data[self._position :]) if self._state != "closed" else b""
+        self._data = b""
+
     def _step(self) -> bool:
         """Advance over one delimiter, header block or part content; False when more input is needed."""
-        pending = self._pending
+        data, position = self._data, self._position
+        left = len(data) - position
         if self._state == "preamble":
-            found = pending.find(self._delimiter)
+            found = data.find(self._delimiter, position)
             if found < 0:
-                self._consume(max(0, len(pending) - len(self._delimiter) + 1))
+                self._consume(max(0, left - len(self._delimiter) + 1))
                 return False
-            self._consume(found + len(self._delimiter))
+            self._consume(found - position + len(self._delimiter))
             self._state = "head"
             return True
         if self._state == "head":
-            if len(pending) < 2:
+            if left < 2:
                 return False
-            if pending.startswith(b"--"):
+            if data.startswith(b"--", position):
                 self._state = "closed"
-                self._pending = bytearray()
                 return False
             number = len(self.parts) + 1
-            line_end = pending.find(b"\r\n")
-            headers_end = pending.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+            line_end = data.find(b"\r\n", position)
+            headers_end = data.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
             if headers_end < 0:
-                if len(pending) >= PART_HEAD_BYTES:
+                if left >= PART_HEAD_BYTES:
                     raise MultipartError(f"part {number} has no complete header block within {PART_HEAD_BYTES} bytes")
                 return False
             if number > MAX_STOW_PARTS:
                 raise MultipartError(f"more than {MAX_STOW_PARTS} parts: send the instances in several requests")
-            self._headers = _part_headers(bytes(pending[line_end + 2 : headers_end]), number)
-            self._consume(headers_end + 4)
+            self._headers = _part_headers(bytes(data[line_end + 2 : headers_end]), number)
+            self._consume(headers_end + 4 - position)
             self._content_start = self._offset
             self._state = "content"
             if self._sink is not None:
                 self._sink.part_started(self._headers)
             return True
         if self._state == "content":
-            found = pending.find(self._content_end)
+            found = data.find(self._content_end, position)
             if found < 0:
-                self._consume_content(max(0, len(pending) - len(self._content_end) + 1))
+                self._consume_content(max(0, left - len(self._content_end) + 1))
                 return False
-            self._consume_content(found)
+            self._consume_content(found - position)
             self.parts.append(Part(self._headers, self._content_start, self._offset))
             if self._sink is not None:
                 self._sink.part_ended()
@@ -144,12 +158,12 @@ class MultipartScanner:
 
     def _consume_content(self, count: int) -> None:
         if self._sink is not None and count:
-            with memoryview(self._pending) as view, view[:count] as content:
+            with memoryview(self._data) as view, view[self._position : self._position + count] as content:
                 self._sink.content(content)
         self._consume(count)
 
     def _consume(self, count: int) -> None:
-        del self._pending[:count]
+        self._position += count
         self._offset += count
 
 

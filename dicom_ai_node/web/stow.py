@@ -155,13 +155,12 @@ class Stow:
         with open(path, "rb", buffering=0) as file:
             head = file.read(PART_HEAD_BYTES)  # the File Meta; the dataset is read from the file as needed
             try:
-                meta, offset = split_part10(head)
+                meta = split_part10(head)
             except Exception as exc:  # pydicom raises many types for garbage
                 sop_class, sop_uid = _referenced_uids(head, None)
                 return _Outcome(sop_class, sop_uid, CANNOT_UNDERSTAND, f"not a DICOM file (PS3.10): {exc}")
-            ts = str(meta.TransferSyntaxUID)
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "")) or None
-            sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "")) or None
+            ts, offset = meta.transfer_syntax_uid, meta.dataset_offset
+            sop_class, sop_uid = meta.sop_class_uid, meta.sop_instance_uid
             if sop_class is None or sop_uid is None:
                 file.seek(offset)
                 found = _referenced_uids(file.read(PART_HEAD_BYTES), ts)
