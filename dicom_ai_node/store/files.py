@@ -148,9 +148,7 @@ class InstanceStore:
         """
         self.check_space(len(data), results)
         final = self.root / relative
-        directory = final.parent
-        created = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
+        created = _make_folder(final.parent)
         temporary = final.with_name(f"{final.name}.{threading.get_ident()}.{next(_temporary_numbers)}.tmp")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -184,9 +182,7 @@ class InstanceStore:
 
     def adopt(self, relative: str, source: FileRange) -> Prepared:
         """`prepare` for an instance received whole into an `incoming` file: fsynced there, not copied."""
-        directory = (self.root / relative).parent
-        created = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
+        created = _make_folder((self.root / relative).parent)
         fd = os.open(source.path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -241,6 +237,13 @@ class InstanceStore:
             except OSError as exc:
                 failed[path] = exc
         return failed
+
+
+def _make_folder(folder: Path) -> bool:
+    """Make an instance's folder (and its parents) unless it exists; whether it was made (its entry needs an fsync)."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _write_all(fd: int, data: bytes | memoryview | FileRange) -> None:
