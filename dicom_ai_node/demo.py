@@ -303,12 +303,15 @@ def _job_result(engine: Engine, settings: Config, phantom: CTPhantom, job: dict[
 
 
 def _sr_volumes(path: Path) -> dict[str, float]:
-    """Tracking identifier -> Volume (mL) of each TID 1500 volumetric measurement group in the SR."""
-    volumes: dict[str, float] = {}
-    for group in hd.sr.srread(path).content.get_volumetric_roi_measurement_groups():
-        [volume] = group.get_measurements(name=codes.SCT.Volume)
-        volumes[group.tracking_identifier] = float(volume.value)
-    return volumes
+    """Tracking identifier -> Volume (mL) of each segment in the SR: its volumetric group, or for a segment left out
+    of the SEG (the body), its measurement group."""
+    report = hd.sr.srread(path).content
+    groups = [*report.get_volumetric_roi_measurement_groups(), *report.get_image_measurement_groups()]
+    volumes = {group.tracking_uid: (group.tracking_identifier, float(volume.value))
+               for group in groups for volume in group.get_measurements(name=codes.SCT.Volume)}
+    in_model_order = [group.tracking_uid for group in report.get_image_measurement_groups()]  # outlines come first
+    return dict(volumes[uid] for uid in sorted(volumes, key=lambda uid: in_model_order.index(uid)
+                                               if uid in in_model_order else len(in_model_order)))
 
 
 class _DemoNode:

@@ -1,4 +1,5 @@
-"""What a radiologist sees: the OHIF viewer in a real (headless) Chromium shows the node's SEG over the CT.
+"""What a radiologist sees: the OHIF viewer in a real (headless) Chromium shows the node's SEG over the CT, and
+lists the SR's measurements.
 
 A CT phantom, compressed (JPEG Lossless SV1 by dcmtk, JPEG 2000 lossless by pydicom) as PACS store it, goes to
 the node, which makes its SEG and SR and serves all three from its own DICOMweb
@@ -10,8 +11,11 @@ the browser needs no CORS and never sees a credential.
 tests/ohif/drive.mjs (playwright-core driving Debian's /usr/bin/chromium, every request outside
 127.0.0.1 refused) opens the study, loads the SEG the way a reader does (its thumbnail, double-click,
 the viewer's own "load" prompt), reads the segmentation panel and screenshots the page.  The test
-checks the panel lists Body, Lungs and Bone and that the viewport has overlay-coloured pixels inside
-the body.  The screenshot is kept in test-artifacts/ohif-seg.png (and ohif-failure.png on failure).
+checks the panel lists Lungs and Bone and that the viewport shows them in their SEG colours of distinct hues.
+Then it opens the SR, takes its measurements into the measurement panel (the viewer's "continue tracking?"),
+clicks each one (the viewer jumps to its slice) and checks the panel lists one outline per segment, on the
+image the SR draws it on, with the area the SR gives.  Screenshots: test-artifacts/ohif-seg.png and
+ohif-sr.png (ohif-failure.png on failure).
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ DRIVER = OHIF / "drive.mjs"
 PLAYWRIGHT = OHIF / "node_modules" / "playwright-core" / "package.json"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
-SEGMENT_LABELS = ["Body", "Lungs", "Bone"]
+SEGMENT_LABELS = ["Lungs", "Bone"]  # the body is outlined in the SR, not painted in the SEG
+# What the measurement panel lists for the SR: one outline per segment, under its finding type.
+MEASUREMENT_LABELS = ["Entire body", "Lung", "Bone"]
 
 _missing = [
     reason
@@ -240,8 +246,9 @@ def _content_type(path: Path) -> str:
 
 
 def drive_viewer(viewer: DicomwebViewer, study_uid: str, seg_series_uid: str, screenshot: Path,
-                 timeout: float = 240) -> dict:
-    """Run tests/ohif/drive.mjs: open the study, load the SEG, read the panel, screenshot.  Returns its JSON."""
+                 sr_screenshot: Path, timeout: float = 300) -> dict:
+    """Run tests/ohif/drive.mjs: open the study, load the SEG, read the panel, screenshot; then open the SR, take
+    its measurements into the measurement panel, click each, screenshot.  Returns its JSON."""
     request = {
         "chromium": str(CHROMIUM),
         "url": f"{viewer.url}/viewer?StudyInstanceUIDs={study_uid}",
@@ -250,6 +257,7 @@ def drive_viewer(viewer: DicomwebViewer, study_uid: str, seg_series_uid: str, sc
         "labels": SEGMENT_LABELS,
         "jumpTo": "Lungs",  # a click on a segment in the panel shows its middle slice
         "screenshot": str(screenshot),
+        "sr": {"count": len(MEASUREMENT_LABELS), "screenshot": str(sr_screenshot)},
         "failureScreenshot": str(screenshot.with_name("ohif-failure.png")),
         "timeoutMs": int(timeout * 1000) - 20_000,
     }
@@ -319,7 +327,9 @@ def processed_study(request, node_factory, tmp_path) -> dict:
                           headers={"Authorization": f"Bearer {TOKEN}"}).json()
     by_modality = {item["00080060"]["Value"][0]: item["0020000E"]["Value"][0] for item in series}
     assert set(by_modality) >= {"CT", "SEG", "SR"}, f"the node serves {sorted(by_modality)}"
-    return {"study": phantom.study_uid, "ct": by_modality["CT"], "seg": by_modality["SEG"], "dicomweb": root}
+    (sr_file,) = (node.storage / phantom.study_uid / by_modality["SR"]).glob("*.dcm")
+    return {"study": phantom.study_uid, "ct": by_modality["CT"], "seg": by_modality["SEG"], "dicomweb": root,
+            "sr": pydicom.dcmread(sr_file), "storage": node.storage / phantom.study_uid}
 
 
 # --- the test -----------------------------------------------------------------------------------------------
@@ -334,13 +344,13 @@ def _browser_prerequisites() -> None:
 
 def test_ohif_shows_the_seg_over_the_ct(processed_study):
     ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "ohif-seg.png"
-    for stale in (screenshot, ARTIFACTS / "ohif-failure.png"):
+    screenshot, sr_screenshot = ARTIFACTS / "ohif-seg.png", ARTIFACTS / "ohif-sr.png"
+    for stale in (screenshot, sr_screenshot, ARTIFACTS / "ohif-failure.png"):
         stale.unlink(missing_ok=True)
 
     # The token stays in the test's proxy; the browser never sees it.
     with DicomwebViewer(VIEWER, processed_study["dicomweb"], {"Authorization": f"Bearer {TOKEN}"}) as viewer:
-        report = drive_viewer(viewer, processed_study["study"], processed_study["seg"], screenshot)
+        report = drive_viewer(viewer, processed_study["study"], processed_study["seg"], screenshot, sr_screenshot)
 
     failed = [f"{status} {path}" for path, status in viewer.requests if status >= 400]
     context = (f"\ndriver: {json.dumps({k: v for k, v in report.items() if k != 'driver_log'}, indent=1)}"
@@ -354,15 +364,58 @@ def test_ohif_shows_the_seg_over_the_ct(processed_study):
     overlay = overlay_pixels(screenshot, report["viewport"])
     summary = f"{overlay}\nscreenshot: {screenshot}"
     assert overlay["body_pixels"] >= 20_000, f"no CT in the viewport (black: its frames were not decoded): {summary}"
-    assert overlay["overlay_fraction"] >= 0.8, f"the Body segment does not cover the body: {summary}"
-    assert len(overlay["flat_colours"]) >= 3, f"fewer than 3 segment colours in the viewport: {summary}"
-    assert all(r > g > b for (r, g, b), _ in overlay["flat_colours"]), \
-        f"overlay colours are not the SEG's recommended (warm) ones: {summary}"
-    assert overlay["recommended_colour_pixels"] >= 200, f"no SEG recommended colour drawn: {summary}"
+    assert overlay["overlay_fraction"] <= 0.6, f"the overlay covers the body, not lungs and bone: {summary}"
+    for rgb, drawn in overlay["recommended_colour_pixels"].items():
+        assert drawn >= 100, f"segment colour {rgb} (the SEG's recommended one) is not drawn: {summary}"
+    hues = {_hue(rgb) for rgb, _ in overlay["flat_colours"]}
+    assert len(hues) >= 2, f"the segments are not filled in distinct hues: {summary}"
+
+    measurements = {m["finding"]: m for m in report["measurements"]}
+    assert sorted(measurements) == sorted(MEASUREMENT_LABELS), \
+        f"the measurement panel lists {sorted(measurements)}, not one outline per segment{context}"
+    instance_numbers = {path.stem: int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber)
+                        for path in (processed_study["storage"] / processed_study["ct"]).glob("*.dcm")}
+    outlines = sr_outlines(processed_study["sr"])
+    for row, measurement in enumerate(report["measurements"]):
+        area_mm2, source_uid = outlines[measurement["finding"]]
+        assert measurement["toolName"] == "PlanarFreehandROI" and source_uid in measurement["referencedImageId"], \
+            measurement
+        shown = float(measurement["primary"][0].split()[0].replace(",", ""))
+        assert shown == pytest.approx(area_mm2, rel=0.01), \
+            f"{measurement['finding']}: the viewer shows {measurement['primary']}, the SR says {area_mm2} mm2"
+        slice_shown = report["measurementSlices"][row]
+        assert slice_shown.startswith(f"I:{instance_numbers[source_uid]} "), \
+            f"a click on {measurement['finding']} shows {slice_shown}, not the image its outline is drawn on"
+    assert report["sliceBeforeMeasurements"] not in report["measurementSlices"], f"the viewer did not scroll: {report}"
+    assert sr_screenshot.exists(), context
 
 
-# The SEG's RecommendedDisplayCIELabValue, as RGB (dicom_ai_node/inference/builtin.py).
-RECOMMENDED_RGB = [(177, 122, 101), (197, 165, 145), (241, 214, 145)]
+def sr_outlines(sr: pydicom.Dataset) -> dict[str, tuple[float, str]]:
+    """Finding type -> (area in mm2, SOP Instance UID of the image it is drawn on) of each outline in the SR."""
+    import highdicom as hd
+
+    from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE
+
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    outlines = {}
+    for group in report.get_image_measurement_groups():
+        if group.tracking_identifier == OHIF_FREEHAND_OUTLINE:
+            (area,) = group.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))
+            (scoord,) = area.referenced_coordinates
+            source = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            outlines[group.finding_type.meaning] = (float(area.value), source)
+    return outlines
+
+
+def _hue(rgb: tuple[int, int, int]) -> int:
+    """The hue of a colour in 30-degree steps: fills of one segment over different grey levels share it."""
+    import colorsys
+
+    return round(colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 12) % 12
+
+
+# The SEG's RecommendedDisplayCIELabValue, as RGB (dicom_ai_node/inference/builtin.py): lungs, bone.
+RECOMMENDED_RGB = [(0, 130, 200), (255, 225, 25)]
 
 
 def overlay_pixels(png: Path, box: dict) -> dict:
@@ -387,8 +440,8 @@ def overlay_pixels(png: Path, box: dict) -> dict:
             counts[pixel] = counts.get(pixel, 0) + 1
     body = sum(counts.values())
     coloured = {rgb: n for rgb, n in counts.items() if max(rgb) - min(rgb) >= 12}
-    recommended = sum(n for rgb, n in coloured.items()
-                      if any(sum((a - b) ** 2 for a, b in zip(rgb, ref)) <= 64 for ref in RECOMMENDED_RGB))
+    recommended = {ref: sum(n for rgb, n in coloured.items() if sum((a - b) ** 2 for a, b in zip(rgb, ref)) <= 64)
+                   for ref in RECOMMENDED_RGB}
     return {
         "body_pixels": body,
         "overlay_fraction": round(sum(coloured.values()) / body, 3) if body else 0.0,

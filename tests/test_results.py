@@ -19,7 +19,8 @@ from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmenta
 from dicom_ai_node.inference.volume import SourceFrame, Volume
 from dicom_ai_node.phantoms.ct import HU_BONE, CTPhantom
 from dicom_ai_node.results.seg import build_seg, segment_tracking_uid
-from dicom_ai_node.results.sr import build_sr
+from dicom_ai_node.results.contours import largest_region
+from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE, build_sr
 from dicom_ai_node.results.uids import derive_uid
 
 MODEL = "PhantomThreshold"
@@ -278,7 +279,7 @@ def test_labelmap_seg_is_read_back_voxel_identical(results: Results):
 
 
 def test_labelmap_rejects_overlapping_segments(results: Results):
-    with pytest.raises(ValueError, match=r"segment 2 \('Lungs'\) overlaps segment\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"segment 'Lungs' overlaps \['Body'\]"):
         build_seg(
             results.volume,
             results.segmentation,
@@ -421,12 +422,95 @@ def test_dcmqi_tid1500reader_reads_the_sr(results: Results):
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
     voxel_ml = 5.0 * 5.0 * 10.0 / 1000.0
-    assert len(report["Measurements"]) == 3
-    for group, segment, mask in zip(
-        report["Measurements"], results.segmentation.segments, results.segmentation.masks, strict=True
-    ):
+    volumetric = [group for group in report["Measurements"] if "ReferencedSegment" in group]
+    outlines = [group for group in report["Measurements"] if group["TrackingIdentifier"] == OHIF_FREEHAND_OUTLINE]
+    assert len(volumetric) == len(outlines) == 3 and len(report["Measurements"]) == 6
+    for group in outlines:
+        (area,) = group["measurementItems"]
+        assert area["quantity"]["CodeMeaning"] == "Area" and area["units"]["CodeValue"] == "mm2"
+    for group, segment, mask in zip(volumetric, results.segmentation.segments, results.segmentation.masks,
+                                    strict=True):
         assert group["ReferencedSegment"] == segment.number
         assert group["TrackingIdentifier"] == segment.label
         (volume,) = [item for item in group["measurementItems"] if item["quantity"]["CodeValue"] == "118565006"]
         assert volume["units"]["CodeValue"] == "ml"
         assert float(volume["value"]) == pytest.approx(mask.sum() * voxel_ml, rel=1e-9)
+
+
+def _outline_groups(path: Path) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    return [group for group in sr.content.get_image_measurement_groups()
+            if group.tracking_identifier == OHIF_FREEHAND_OUTLINE]
+
+
+def _pixels_inside(outline: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Which pixel centres a closed (column, row) polyline encloses (even-odd rule), independently of how it
+    was traced."""
+    rows, columns = np.mgrid[: shape[0], : shape[1]] + 0.5
+    inside = np.zeros(shape, bool)
+    for (x0, y0), (x1, y1) in zip(outline[:-1], outline[1:]):
+        if y0 == y1:
+            continue
+        crosses = (rows >= min(y0, y1)) & (rows < max(y0, y1))
+        x_at_row = x0 + (rows - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (columns < x_at_row)
+    return inside
+
+
+def test_sr_outlines_each_segment_on_its_largest_cross_section(results: Results):
+    """The outline a viewer draws and lists: on the slice where the segment is largest, around exactly the pixels
+    of its largest region, on the source image of that slice, with the area it encloses."""
+    volume, masks = results.volume, results.segmentation.masks
+    groups = _outline_groups(results.sr)
+    assert len(groups) == 3
+    for group, segment, mask in zip(groups, results.segmentation.segments, masks, strict=True):
+        assert group.finding_type.value == segment.type.value
+        assert group.tracking_uid == segment_tracking_uid(pydicom.dcmread(results.seg).SOPInstanceUID, segment.number)
+        (area,) = group.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))
+        (scoord,) = area.referenced_coordinates
+        assert scoord.value_type == hd.sr.ValueTypeValues.SCOORD and scoord.graphic_type.value == "POLYLINE"
+        outline = scoord.value
+        assert np.array_equal(outline[0], outline[-1])
+        source = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        k = [frame.sop_instance_uid for frame in volume.frames].index(source.ReferencedSOPInstanceUID)
+        assert mask[k].sum() == mask.reshape(len(mask), -1).sum(axis=1).max()
+        region = largest_region(mask[k])
+        assert np.array_equal(_pixels_inside(outline, region.shape), region)
+        assert float(area.value) == pytest.approx(region.sum() * 5.0 * 5.0, rel=1e-12)
+        assert area.unit.value == "mm2"
+    lungs = groups[1]  # two lungs: the outline is around one of them
+    k_lungs = int(np.argmax(masks[1].sum(axis=(1, 2))))
+    assert 0 < largest_region(masks[1][k_lungs]).sum() < masks[1][k_lungs].sum()
+    assert lungs.tracking_identifier == OHIF_FREEHAND_OUTLINE
+
+
+def test_context_segments_are_measured_and_outlined_in_the_sr_but_not_drawn_in_the_seg(results: Results,
+                                                                                       tmp_path: Path):
+    """A whole-body segment painted over every slice washes out what lies beneath: a segment with
+    in_seg=False stays out of the SEG (which numbers the others 1, 2, ...) and keeps its volume and
+    outline in the SR, whose references follow the SEG's numbers."""
+    volume = results.volume
+    segments = [replace(BODY, in_seg=False), LUNGS, BONE]
+    segmentation = Segmentation(results.segmentation.masks, segments, MODEL, MODEL_VERSION)
+    common = {"manufacturer": "dicom-ai-node", "software_version": "0.1.0"}
+    seg = build_seg(volume, segmentation, series_number=1, series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4",
+                    **common)
+    sr = build_sr(volume, segmentation, seg, series_number=2, series_instance_uid="1.2.3.5",
+                  sop_instance_uid="1.2.3.6", device_name="AI_NODE", model_name=MODEL, **common)
+    seg.save_as(tmp_path / "seg.dcm")
+    sr.save_as(tmp_path / "sr.dcm")
+    assert dciodvfy(tmp_path / "seg.dcm") == [] and dciodvfy(tmp_path / "sr.dcm") == []
+    assert [(item.SegmentNumber, item.SegmentLabel) for item in seg.SegmentSequence] == [(1, "Lungs"), (2, "Bone")]
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
+    slice_of = {frame.sop_instance_uid: k for k, frame in enumerate(volume.frames)}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        k = slice_of[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert np.array_equal(frame.astype(bool), segmentation.masks[number, k])  # SEG 1 is mask 1 (lungs)
+    assert [group.referenced_segment.referenced_segment_numbers for group in _groups(tmp_path / "sr.dcm")] == [
+        [1], [2]]
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(tmp_path / "sr.dcm")).content
+    (body,) = [group for group in report.get_image_measurement_groups() if group.tracking_identifier == "Body"]
+    voxel_ml = 5.0 * 5.0 * 10.0 / 1000.0
+    assert _value(body, "Volume") == pytest.approx(segmentation.masks[0].sum() * voxel_ml, rel=1e-12)
+    assert len(_outline_groups(tmp_path / "sr.dcm")) == 3

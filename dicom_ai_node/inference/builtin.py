@@ -36,10 +36,14 @@ TISSUE = CodedConcept("85756007", "SCT", "Tissue")
 
 # The one table of what `predict` returns, in mask order.  Bone is "Tissue"/"Bone" (CID 7191 via
 # CID 7166) because a density threshold finds bone tissue anywhere, not one named bone.
+# Hues far apart (green, blue, yellow), so lungs and bone read apart at a glance over grey CT.  The body is
+# context, not a finding: painted over the whole image it washes out what lies beneath, so it is measured and
+# outlined in the SR but left out of the SEG.
 SEGMENTS: tuple[Segment, ...] = (
-    Segment(1, "Body", ANATOMICAL_STRUCTURE, CodedConcept("38266002", "SCT", "Entire body"), (177, 122, 101)),
-    Segment(2, "Lungs", ANATOMICAL_STRUCTURE, CodedConcept("39607008", "SCT", "Lung"), (197, 165, 145)),
-    Segment(3, "Bone", TISSUE, CodedConcept("272673000", "SCT", "Bone"), (241, 214, 145)),
+    Segment(1, "Body", ANATOMICAL_STRUCTURE, CodedConcept("38266002", "SCT", "Entire body"), (60, 180, 75),
+            in_seg=False),
+    Segment(2, "Lungs", ANATOMICAL_STRUCTURE, CodedConcept("39607008", "SCT", "Lung"), (0, 130, 200)),
+    Segment(3, "Bone", TISSUE, CodedConcept("272673000", "SCT", "Bone"), (255, 225, 25)),
 )
 
 
@@ -50,7 +54,7 @@ class BuiltinCTModel:
     """
 
     name = "builtin-ct-tissue"
-    version = "1.0"
+    version = "1.1"  # 1.1: body out of the SEG, colours of distinct hues
     identity = version  # its code is its weights: a change to what it returns comes with a new version
 
     BODY_MIN_HU = -500.0  # body is denser than this; lung air and outside air are not

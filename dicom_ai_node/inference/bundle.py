@@ -34,27 +34,12 @@ from monai.transforms import (
 
 from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
-from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
+from dicom_ai_node.inference.segmentation import PALETTE, CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
 
 Axcodes = Literal["RAS", "LPS"]
 
 ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical structure")
-# Distinct, readable on grey images; segment n takes PALETTE[(n - 1) % len(PALETTE)].
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (170, 110, 40),
-)
 # The volume arrives as a channel-first MetaTensor, so reading files and adding a channel are skipped;
 # writing files is skipped because the prediction goes back in memory.
 _FILE_INPUT = (LoadImage, LoadImaged, EnsureChannelFirst, EnsureChannelFirstd)

@@ -16,6 +16,24 @@ class CodedConcept:
     meaning: str
 
 
+# Distinct hues, readable over grey images; a model without colours of its own gives segment n
+# PALETTE[(n - 1) % len(PALETTE)].
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+)
+
+
 @dataclass(frozen=True)
 class Segment:
     """One segment of a SEG: its number, label and coded meaning (PS3.3 C.8.20.4)."""
@@ -25,6 +43,9 @@ class Segment:
     category: CodedConcept  # Segmented Property Category, e.g. SCT 91723000 "Anatomical structure"
     type: CodedConcept  # Segmented Property Type, e.g. SCT 39607008 "Lung"
     color_rgb: tuple[int, int, int]  # recommended display colour
+    # False for context a radiologist does not want painted over the image (the whole body): measured in the
+    # SR, outlined there on its largest cross-section, but not a segment of the SEG.
+    in_seg: bool = True
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ..inference.segmentation import CodedConcept, Segmentation
+from ..inference.segmentation import CodedConcept, Segment, Segmentation
 from ..inference.volume import Volume
 from .uids import name_uid
 
@@ -43,11 +43,15 @@ def build_seg(
         raise ValueError(
             f"masks of shape {segmentation.masks.shape[1:]} are not on the volume's grid {volume.pixels.shape}"
         )
+    numbers = seg_segment_numbers(segmentation)
+    if not numbers:
+        raise ValueError(f"{segmentation.algorithm_name} returned no segment for a SEG (all are context)")
+    drawn = [segment for segment in segmentation.segments if segment.number in numbers]
     source_images, frame_index = _source_images(volume)
     source_images[0] = with_patient_and_study(source_images[0])
-    masks = segmentation.masks.astype(bool, copy=False)
+    masks = segmentation.masks[[segment.number - 1 for segment in drawn]].astype(bool, copy=False)
     if labelmap:
-        pixel_array = _label_map(masks, segmentation)
+        pixel_array = _label_map(masks, drawn)
         segmentation_type = hd.seg.SegmentationTypeValues.LABELMAP
     else:
         # highdicom wants (frames, rows, columns, segments).  A view: copying it contiguous first
@@ -67,7 +71,7 @@ def build_seg(
     )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=segment.number,
+            segment_number=numbers[segment.number],
             segment_label=segment.label,
             segmented_property_category=coded_concept(segment.category),
             segmented_property_type=coded_concept(segment.type),
@@ -77,7 +81,7 @@ def build_seg(
             tracking_id=segment.label,
             display_color=hd.color.CIELabColor.from_rgb(*segment.color_rgb),
         )
-        for segment in segmentation.segments
+        for segment in drawn
     ]
     return hd.seg.Segmentation(
         source_images=source_images,
@@ -96,6 +100,16 @@ def build_seg(
         content_description=f"{segmentation.algorithm_name} {segmentation.algorithm_version}"[:64],
         omit_empty_frames=True,
     )
+
+
+def seg_segment_numbers(segmentation: Segmentation) -> dict[int, int]:
+    """The SEG's Segment Number of each segment it holds, by the model's segment number.
+
+    A SEG numbers its segments 1, 2, ... (PS3.3 C.8.20.2.4); segments left out of it (`Segment.in_seg`) shift
+    the numbers of those after them, and the SR must reference what the SEG holds.
+    """
+    drawn = [segment.number for segment in segmentation.segments if segment.in_seg]
+    return {number: index for index, number in enumerate(drawn, start=1)}
 
 
 def segment_tracking_uid(seg_sop_instance_uid: str, segment_number: int) -> str:
@@ -155,17 +169,17 @@ def with_patient_and_study(source: Dataset) -> Dataset:
     return patched
 
 
-def _label_map(masks: np.ndarray, segmentation: Segmentation) -> np.ndarray:
-    """(slices, rows, columns) of segment numbers; 0 is background."""
-    dtype = np.uint8 if len(segmentation.segments) < 256 else np.uint16
+def _label_map(masks: np.ndarray, segments: list[Segment]) -> np.ndarray:
+    """(slices, rows, columns) of SEG segment numbers (1 for `segments[0]` ...); 0 is background."""
+    dtype = np.uint8 if len(segments) < 256 else np.uint16
     labels = np.zeros(masks.shape[1:], dtype)
-    for segment, mask in zip(segmentation.segments, masks):
+    for number, (segment, mask) in enumerate(zip(segments, masks), start=1):
         overlap = mask & (labels != 0)
         if overlap.any():
-            others = sorted({int(n) for n in np.unique(labels[overlap])})
+            others = sorted({segments[int(n) - 1].label for n in np.unique(labels[overlap])})
             raise ValueError(
-                f"segment {segment.number} ({segment.label!r}) overlaps segment(s) {others} in "
-                f"{int(overlap.sum())} voxel(s); a LABELMAP SEG holds one segment per voxel: use BINARY"
+                f"segment {segment.label!r} overlaps {others} in {int(overlap.sum())} voxel(s); "
+                "a LABELMAP SEG holds one segment per voxel: use BINARY"
             )
-        labels[mask] = segment.number
+        labels[mask] = number
     return labels

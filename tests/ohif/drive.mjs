@@ -2,8 +2,8 @@
 //
 //   node drive.mjs '<request JSON>'
 //
-// request: {chromium, url, labels: [...], jumpTo, screenshot, failureScreenshot, timeoutMs}
-// Prints one JSON line on stdout: {ok, step, error?, segmentLabels, serviceSegments, viewport, ...};
+// request: {chromium, url, labels: [...], jumpTo, screenshot, failureScreenshot, timeoutMs, sr?: {count, screenshot}}
+// Prints one JSON line on stdout: {ok, step, error?, segmentLabels, serviceSegments, viewport, measurements?, ...};
 // progress and the browser's console go to stderr.  Every request outside 127.0.0.1 is refused.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
@@ -132,6 +132,51 @@ try {
   const box = await viewport.locator('canvas').first().boundingBox();
   report.viewport = { ...box, pageWidth: page.viewportSize().width };
   await page.screenshot({ path: request.screenshot, fullPage: false });
+
+  if (request.sr) {
+    step('double-click the SR series in the study browser');
+    const srThumbnail = page.locator('[data-cy^="study-browser-thumbnail"]').filter({
+      has: page.locator('[data-cy="series-modality-label"]', { hasText: /^\s*SR\s*$/ }),
+    });
+    await srThumbnail.first().dblclick();
+
+    step('accept "continue tracking" (take the SR\'s measurements into the measurement panel)');
+    await page.locator('[data-cy="yes-hydrate-btn"]').click({ timeout: 60_000 });
+
+    step('open the measurement panel');
+    const panel = page.locator('[data-cy="trackedMeasurements-panel"]').first();
+    if (!(await panel.isVisible())) await page.click('[data-cy="trackedMeasurements-btn"]');
+    const measurementRows = panel.locator('[data-cy="data-row"]');
+    await measurementRows.nth(request.sr.count - 1).waitFor({ state: 'visible', timeout: 60_000 });
+
+    step('scroll the viewport away from the measured slices');
+    const canvasBox = await viewport.locator('canvas').first().boundingBox();
+    await page.mouse.move(canvasBox.x + canvasBox.width / 2, canvasBox.y + canvasBox.height / 2);
+    for (let i = 0; i < 12; i++) {
+      await page.mouse.wheel(0, 120);
+      await page.waitForTimeout(100);
+    }
+    report.sliceBeforeMeasurements = (await imageIndex.first().innerText()).trim();
+
+    step('click each measurement in the panel (jumps to its slice, where the viewer computes its numbers)');
+    report.measurementSlices = [];
+    for (let i = 0; i < (await measurementRows.count()); i++) {
+      await measurementRows.nth(i).click();
+      await page.waitForTimeout(1_500);
+      report.measurementSlices.push((await imageIndex.first().innerText()).trim());
+    }
+    report.measurements = await page.evaluate(() =>
+      (window.services?.measurementService?.getMeasurements() ?? []).map((m) => ({
+        finding: m.finding?.text,  // what the panel shows as the measurement's name (its label is unset)
+        toolName: m.toolName,
+        primary: m.displayText?.primary ?? [],
+        referencedImageId: m.referencedImageId,
+      })),
+    );
+    await page.mouse.move(60, 980);
+    await page.waitForTimeout(1_000);
+    await page.screenshot({ path: request.sr.screenshot, fullPage: false });
+  }
   report.ok = true;
   report.step = 'done';
 } catch (error) {
