@@ -447,7 +447,7 @@ def jobs(
     limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
-    """Model jobs: one per (series, model), newest first, with stage timings."""
+    """Model jobs: one per (series, model), newest first, with stage timings and what the model found."""
     wanted = state.value if state else None
     rows = queries.list_jobs(_engine(load_config(config)), wanted, limit)
     if as_json:
@@ -468,12 +468,12 @@ def jobs(
                 _text(_seconds(row["write_seconds"])),
             ],
             [("study", row["StudyInstanceUID"]), ("series", row["SeriesInstanceUID"])],
-            [_text(row["error"], "red")] if row["error"] else [],
+            [_text(row["error"], "red")] if row["error"] else [_text(row["summary"])] if row["summary"] else [],
         )
         for row in rows
     ]
     headers = ["ID", "State", "Model", "Mod", "Load s", "Infer s", "Write s"]
-    _print_with_uids(headers, listing, "Study / Series Instance UID, error")
+    _print_with_uids(headers, listing, "Study / Series Instance UID, what was found or the error")
 
 
 def _seconds(value: float | None) -> str:
@@ -502,7 +502,7 @@ def job_show(
     table = Table(Column(), Column(no_wrap=True), show_header=False, box=None, pad_edge=False)
     labels = {"StudyInstanceUID": "study UID", "SeriesInstanceUID": "series UID"}
     for key in ("state", "model", "model_version", "device", "route", "StudyInstanceUID", "SeriesInstanceUID",
-                "attempts", "created_at", "started_at", "finished_at"):
+                "summary", "attempts", "created_at", "started_at", "finished_at"):
         value = detail[key]
         table.add_row(labels.get(key, key), _state_text(value) if key == "state" else _text(value))
     for stage in ("load", "inference", "write"):

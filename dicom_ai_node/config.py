@@ -235,6 +235,9 @@ class ModelConfig(_Section):
     device: str = "auto"  # auto = cuda when present, else cpu
     # BINARY SEG (segments may overlap) or LABELMAP (one label per voxel; overlap is an error).
     seg_type: Literal["binary", "labelmap"] = "binary"
+    # A segmentation that found nothing (every segment the SEG would hold is empty) is stated in the SR; True
+    # also makes and sends the empty SEG.
+    seg_when_empty: bool = False
 
     @field_validator("device")
     @classmethod
@@ -245,9 +248,11 @@ class ModelConfig(_Section):
 
 
 class BuiltinModelConfig(ModelConfig):
-    """The built-in CT tissue model: nothing to load from disk."""
+    """A built-in CT model, nothing to load from disk: the tissue segmentation (the default), a lung nodule
+    candidate detector or a contrast classifier; demonstrations, not for clinical use."""
 
     kind: Literal["builtin"] = "builtin"
+    model: Literal["ct-tissue", "ct-lung-nodules", "ct-contrast"] = "ct-tissue"
 
 
 class _ModelFromFile(ModelConfig):

@@ -127,6 +127,15 @@ class StageTimes:
     write: float | None = None
 
 
+@dataclass(frozen=True)
+class Found:
+    """What a model found in a series, for the job and its event: how many findings (0 is "no findings") and a
+    line an admin reads, e.g. "Lungs 1811 mL, Bone 144 mL" or "no findings: Nodule absent"."""
+
+    count: int
+    summary: str
+
+
 # --- delivery -------------------------------------------------------------------------------
 
 

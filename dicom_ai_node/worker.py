@@ -1,4 +1,4 @@
-"""The worker: claims jobs, builds the volume, runs the model, stores SEG and SR.
+"""The worker: claims jobs, builds the volume, runs the model, stores its results (SEG, SR).
 
 Like node.py it wires stages together (inference, then results), so it sits beside it,
 above both: the results stage builds on inference's volumes and segmentations.
@@ -21,22 +21,26 @@ import threading
 import time
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from dicom_ai_node import __version__
 from dicom_ai_node.config import Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
-from dicom_ai_node.inference.model import Model, ModelUnavailable, result_identity
+from dicom_ai_node.inference.findings import Classification, Detections
+from dicom_ai_node.inference.model import Model, ModelUnavailable, Prediction, result_identity
 from dicom_ai_node.inference.registry import ModelRegistry
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.results.seg import build_seg
-from dicom_ai_node.results.sr import build_sr
+from dicom_ai_node.results.found import what_was_found
+from dicom_ai_node.results.sr import build_classification_sr, build_detection_sr, build_sr
 from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
 from dicom_ai_node.store.db import make_engine
 from dicom_ai_node.store.files import DiskFull, InstanceStore
 from dicom_ai_node.store.models import JobState
-from dicom_ai_node.values import StageTimes, StoredResult
+from dicom_ai_node.values import Found, StageTimes, StoredResult
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +77,10 @@ class Worker:
             volume = load_volume(job.paths)
             times["load"] = time.perf_counter() - started
             started = time.perf_counter()
-            segmentation = model.predict(volume)
+            prediction = model.predict(volume)
             times["inference"] = time.perf_counter() - started
             started = time.perf_counter()
-            results = self._write_results(job, volume, segmentation, model)
+            results, found = self._write_results(job, volume, prediction, model)
             times["write"] = time.perf_counter() - started
         except VolumeError as exc:
             log.warning("job %d (%s) skipped: %s", job.id, job.model, exc)
@@ -94,10 +98,10 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
-        self.queue.finish(job, results, StageTimes(**times), device, model.version, self._destinations(job))
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, self._destinations(job), found)
         log.info(
-            "job %d (%s) done: load %.2f s, inference %.2f s, write %.2f s",
-            job.id, job.model, times["load"], times["inference"], times["write"],
+            "job %d (%s) done: %s; load %.2f s, inference %.2f s, write %.2f s",
+            job.id, job.model, found.summary, times["load"], times["inference"], times["write"],
         )
 
     def _destinations(self, job: ClaimedJob) -> list[str]:
@@ -116,41 +120,55 @@ class Worker:
         return list(route.destinations)
 
     def _write_results(
-        self, job: ClaimedJob, volume: Volume, segmentation: Segmentation, model: Model
-    ) -> list[StoredResult]:
-        """SEG then SR, with UIDs derived from model and inputs: a re-run rewrites the same objects."""
-        sources = [frame.sop_instance_uid for frame in volume.frames]
+        self, job: ClaimedJob, volume: Volume, prediction: Prediction, model: Model
+    ) -> tuple[list[StoredResult], Found]:
+        """The result objects of what the model returned (a segmentation: SEG then SR; detections or a
+        classification: an SR), with UIDs derived from model and inputs: a re-run rewrites the same objects.
 
-        identity = result_identity(model, self.config.models[job.model])
+        A segmentation that found nothing gets no SEG (an empty overlay tells a reader nothing the SR does not)
+        unless the model's `seg_when_empty` asks for one; its SR says what is absent.
+        """
+        sources = [frame.sop_instance_uid for frame in volume.frames]
+        settings = self.config.models[job.model]
+        identity = result_identity(model, settings)
 
         def uid(kind: str) -> str:
             return derive_uid(kind, model.name, identity, sources)
 
         software = f"{__version__} {model.name} {model.version}"
-        seg = build_seg(
-            volume,
-            segmentation,
-            series_number=SEG_SERIES_NUMBER,
-            series_instance_uid=uid("seg-series"),
-            sop_instance_uid=uid("seg"),
-            manufacturer=MANUFACTURER,
-            software_version=software,
-            device_serial_number=self.config.node.ae_title,
-            labelmap=self.config.models[job.model].seg_type == "labelmap",
-        )
-        sr = build_sr(
-            volume,
-            segmentation,
-            seg,
-            series_number=SR_SERIES_NUMBER,
-            series_instance_uid=uid("sr-series"),
-            sop_instance_uid=uid("sr"),
-            manufacturer=MANUFACTURER,
-            software_version=software,
-            device_name=MANUFACTURER,
-            model_name=f"{model.name} {model.version}",
-        )
-        return [store_result(self.store, "SEG", seg), store_result(self.store, "SR", sr)]
+        report = {
+            "series_number": SR_SERIES_NUMBER,
+            "series_instance_uid": uid("sr-series"),
+            "sop_instance_uid": uid("sr"),
+            "manufacturer": MANUFACTURER,
+            "software_version": software,
+            "device_name": MANUFACTURER,
+            "model_name": f"{model.name} {model.version}",
+        }
+        found = what_was_found(prediction, volume)
+        objects: list[tuple[str, Dataset]] = []
+        match prediction:
+            case Segmentation():
+                seg = None
+                if found.count or settings.seg_when_empty:
+                    seg = build_seg(
+                        volume,
+                        prediction,
+                        series_number=SEG_SERIES_NUMBER,
+                        series_instance_uid=uid("seg-series"),
+                        sop_instance_uid=uid("seg"),
+                        manufacturer=MANUFACTURER,
+                        software_version=software,
+                        device_serial_number=self.config.node.ae_title,
+                        labelmap=settings.seg_type == "labelmap",
+                    )
+                    objects.append(("SEG", seg))
+                objects.append(("SR", build_sr(volume, prediction, seg, **report)))
+            case Detections():
+                objects.append(("SR", build_detection_sr(volume, prediction, **report)))
+            case Classification():
+                objects.append(("SR", build_classification_sr(volume, prediction, **report)))
+        return [store_result(self.store, kind, dataset) for kind, dataset in objects], found
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Work until `stop`, or until the parent node died (e.g. kill -9): an orphan must not keep working."""

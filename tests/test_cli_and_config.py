@@ -44,6 +44,8 @@ def test_shipped_config_is_the_embedded_default():
         ('[[routes]]\nname = "x"\nmodality = "CT"\nmodels = ["nope"]\n', "routes.0.models: no model named 'nope'"),
         ('[models.m]\nkind = "torchscript"\n', "models.m.path: Field required"),
         ('[models.m]\nkind = "onnx"\n', "models.m.kind: must be one of 'builtin', 'monai_bundle', 'torchscript'"),
+        ('[models.m]\nkind = "builtin"\nmodel = "ct-lungs"\n', "models.m.model: Input should be 'ct-tissue', "
+                                                               "'ct-lung-nodules' or 'ct-contrast'"),
         ('[destinations.pacs]\nkind = "dimse"\nhost = "x"\n', "destinations.pacs.ae_title: Field required"),
         ('[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nport = 104\n', "destinations.pacs.host: Field required"),
         ('[destinations.pacs]\nkind = "dimse"\nae_title = "PACS"\nhost = "x"\nport = 104\nurl = "http://x"\n',

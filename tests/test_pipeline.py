@@ -14,6 +14,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate
 from conftest import dciodvfy_errors, storescu
 
 from dicom_ai_node.phantoms import CTPhantom, MRPhantom
+from dicom_ai_node.phantoms.ct import PhantomGeometry
 from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,3 +177,44 @@ def _minimal_sr(study_uid: str) -> Dataset:
     ds.PatientID = "PHANTOM-001"
     ds.ValueType = "CONTAINER"
     return ds
+
+
+def test_detection_and_classification_models_report_what_they_found_and_what_they_did_not(node_factory, tmp_path):
+    """The built-in demo detector and classifier on two CTs: one with nodules and contrast, one with neither.
+    Each job records what its model found; the detector that found nothing says so in its job, its event and its
+    SR, and a tissue segmentation sends its SEG while the others send an SR alone."""
+    node = node_factory(
+        workers={"processes": 1},
+        models={"ct-tissue": {"kind": "builtin"},
+                "nodules": {"kind": "builtin", "model": "ct-lung-nodules"},
+                "contrast": {"kind": "builtin", "model": "ct-contrast"}},
+        routes=[{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["ct-tissue", "nodules", "contrast"]}],
+    )
+    node.start()
+    geometry = {"with": PhantomGeometry(nodules=((-70.0, -5.0, 10.0, 6.0), (75.0, 10.0, -30.0, 4.0)), contrast=True),
+                "without": PhantomGeometry()}
+    phantoms = {name: CTPhantom(slices=40, rows=128, columns=128, pixel_spacing=(2.5, 2.5), slice_spacing=4.0,
+                                noise_hu=10, geometry=shape) for name, shape in geometry.items()}
+    for name, phantom in phantoms.items():
+        assert storescu(node.port, *phantom.write(tmp_path / name)).returncode == 0
+    jobs = _wait_job(node, "done", count=6)
+    by_study = {(job["StudyInstanceUID"], job["model"]): node.json("job", "show", str(job["id"])) for job in jobs}
+    found = {(name, model): by_study[(phantom.study_uid, model)]
+             for name, phantom in phantoms.items() for model in ("ct-tissue", "nodules", "contrast")}
+
+    assert found[("with", "nodules")]["findings"] == 2
+    assert found[("with", "nodules")]["summary"].startswith("Nodule 1 (")
+    assert (found[("without", "nodules")]["findings"], found[("without", "nodules")]["summary"]) == (
+        0, "no findings: Nodule absent")
+    assert found[("with", "contrast")]["summary"].startswith("Contrast agent: Present")
+    assert found[("without", "contrast")]["summary"].startswith("Contrast agent: Absent")
+    assert found[("with", "ct-tissue")]["findings"] == 2  # lungs and bone; the body is context
+    for (name, model), detail in found.items():
+        kinds = sorted(result["kind"] for result in detail["results"])
+        assert kinds == (["SEG", "SR"] if model == "ct-tissue" else ["SR"]), (name, model, kinds)
+        for result in detail["results"]:
+            assert dciodvfy_errors(node.storage / result["file_path"]) == [], (name, model, result["kind"])
+    events = node.json("events", "--study", phantoms["without"].study_uid)
+    (nothing,) = [e for e in events if e["kind"] == "job-done" and "(nodules)" in e["message"]]
+    assert "no findings: Nodule absent" in nothing["message"]
+    assert "no findings: Nodule absent" in node.cli("jobs").stdout

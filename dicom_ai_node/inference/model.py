@@ -14,8 +14,12 @@ import torch
 
 from dicom_ai_node.config import ModelConfig
 
+from dicom_ai_node.inference.findings import Classification, Detections
 from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume
+
+# What a model returns, one typed value per task; the results stage writes each kind without knowing the model.
+Prediction = Segmentation | Detections | Classification
 
 
 class Model(Protocol):
@@ -24,7 +28,7 @@ class Model(Protocol):
     identity: str  # a digest of what determines its output (`file_digest`); result UIDs derive from it
     device: torch.device
 
-    def predict(self, volume: Volume) -> Segmentation: ...
+    def predict(self, volume: Volume) -> Prediction: ...
 
 
 def file_digest(*paths: Path) -> str:

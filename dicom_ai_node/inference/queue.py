@@ -18,7 +18,7 @@ from dicom_ai_node.delivery.queue import create_for_job
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, Study, utcnow
-from dicom_ai_node.values import StageTimes, StoredResult
+from dicom_ai_node.values import Found, StageTimes, StoredResult
 
 _jobs = Job.__table__
 
@@ -106,8 +106,10 @@ class JobQueue:
         device: str,
         model_version: str,
         destinations: list[str],
+        found: Found,
     ) -> None:
-        """Record the results and queue their deliveries in the same transaction: none can be lost between."""
+        """Record the results and what the model found, and queue their deliveries in the same transaction: none
+        can be lost between.  A model that found nothing is done too ("no findings" in its event and job)."""
         with self.engine.begin() as connection:
             for result in results:
                 existing = connection.execute(
@@ -118,12 +120,15 @@ class JobQueue:
                         ResultObject.__table__.insert().values(job_id=job.id, created_at=utcnow(), **vars(result))
                     )
             self._close(connection, job, JobState.DONE, None, times, device, model_version)
+            connection.execute(
+                update(_jobs).where(_jobs.c.id == job.id).values(findings=found.count, summary=found.summary)
+            )
             create_for_job(connection, job.id, destinations)
-            summary = ", ".join(f"{r.kind} {r.sop_instance_uid}" for r in results)
+            objects = ", ".join(f"{r.kind} {r.sop_instance_uid}" for r in results)
             insert_event(
                 connection,
                 EventKind.JOB_DONE,
-                f"job {job.id} ({job.model}) done in {_total(times):.1f} s: {summary}",
+                f"job {job.id} ({job.model}) done in {_total(times):.1f} s: {found.summary}; {objects}",
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )

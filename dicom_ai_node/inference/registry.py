@@ -25,6 +25,14 @@ class ModelRegistry:
         if config is None:
             raise ModelUnavailable(f"no model named {name!r} in [models]")
         match config:  # each kind's module is imported only where that kind is configured
+            case BuiltinModelConfig(model="ct-lung-nodules"):
+                from dicom_ai_node.inference.builtin_findings import BuiltinLungNoduleModel
+
+                return BuiltinLungNoduleModel(device=config.device)
+            case BuiltinModelConfig(model="ct-contrast"):
+                from dicom_ai_node.inference.builtin_findings import BuiltinContrastModel
+
+                return BuiltinContrastModel(device=config.device)
             case BuiltinModelConfig():
                 from dicom_ai_node.inference.builtin import BuiltinCTModel
 

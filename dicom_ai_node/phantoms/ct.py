@@ -26,6 +26,8 @@ HU_AIR = -1000
 HU_SOFT_TISSUE = 40
 HU_LUNG = -850
 HU_BONE = 700
+HU_NODULE = 40  # a solid nodule: soft tissue in the lung
+HU_CONTRAST_BLOOD = 250  # blood in the aorta in an arterial phase with iodinated contrast (unenhanced: soft tissue)
 RESCALE_INTERCEPT = -1024
 
 _IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1447.1"  # dicom-ai-node test data
@@ -51,6 +53,11 @@ class PhantomGeometry:
     lung_semi_axes: tuple[float, float, float] = (45.0, 60.0, 80.0)
     spine_centre: tuple[float, float] = (0.0, 75.0)  # posterior is +y in LPS
     spine_radius: float = 15.0
+    aorta_centre: tuple[float, float] = (0.0, 35.0)  # between the lungs, in front of the spine
+    aorta_radius: float = 12.0
+    contrast: bool = False  # blood in the aorta at HU_CONTRAST_BLOOD instead of soft tissue
+    # Solid nodules in the lungs: (x, y, z, radius) in mm, z from the lungs' centre like the lungs' own.
+    nodules: tuple[tuple[float, float, float, float], ...] = ()
 
     def label_at(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, z_centre: float) -> np.ndarray:
         """HU value of each patient-space point (arrays broadcast together)."""
@@ -63,16 +70,23 @@ class PhantomGeometry:
         for cx in self.lung_centres_x:
             lung = ((x - cx) / la) ** 2 + ((y - self.lung_centre_y) / lb) ** 2 + (dz / lc) ** 2 <= 1.0
             hu[lung] = HU_LUNG
+        for nx, ny, nz, radius in self.nodules:
+            hu[(x - nx) ** 2 + (y - ny) ** 2 + (dz - nz) ** 2 <= radius**2] = HU_NODULE
+        if self.contrast:
+            aorta_x, aorta_y = self.aorta_centre
+            aorta = (x - aorta_x) ** 2 + (y - aorta_y) ** 2 <= self.aorta_radius**2
+            hu[np.broadcast_to(aorta, hu.shape)] = HU_CONTRAST_BLOOD
         sx, sy = self.spine_centre
         spine = (x - sx) ** 2 + (y - sy) ** 2 <= self.spine_radius**2
         hu[np.broadcast_to(spine, hu.shape)] = HU_BONE
         return hu
 
     def analytic_volumes_ml(self, scan_length_mm: float) -> dict[str, float]:
-        """Exact volumes (mL) of each structure within a scan of the given length."""
+        """Exact volumes (mL) of each structure within a scan of the given length (lungs: their air, without the
+        nodules in them)."""
         ax, by = self.body_semi_axes
         la, lb, lc = self.lung_semi_axes
-        lungs = 2 * (4.0 / 3.0) * math.pi * la * lb * lc
+        lungs = 2 * (4.0 / 3.0) * math.pi * la * lb * lc - sum((4.0 / 3.0) * math.pi * r**3 for *_, r in self.nodules)
         bone = math.pi * self.spine_radius**2 * scan_length_mm
         body = math.pi * ax * by * scan_length_mm
         return {"body": body / 1000.0, "lungs": lungs / 1000.0, "bone": bone / 1000.0}

@@ -1,13 +1,17 @@
-"""Segmentation -> TID 1500 Measurement Report (Comprehensive 3D SR) about the SEG's segments."""
+"""Model results -> TID 1500 Measurement Reports (Comprehensive 3D SR): about a segmentation's segments, a
+detector's findings, or a classifier's answer; a model that found nothing says so."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ..inference.segmentation import Segmentation
+from ..inference.findings import Classification, Detection, Detections
+from ..inference.segmentation import CodedConcept, Segmentation
 from ..inference.volume import Volume
 from .contours import CrossSection, largest_cross_section, polygon_area
 from .seg import coded_concept, seg_segment_numbers, segment_tracking_uid, with_patient_and_study
@@ -15,6 +19,8 @@ from .uids import name_uid
 
 _MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 _SQUARE_MILLIMETRE = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+_ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 
 # What the rescaled pixel values measure, per modality, as dcmqi and 3D Slicer's
 # Quantitative Reporting encode it: (concept name, unit).  A modality not listed
@@ -28,6 +34,9 @@ _INTENSITY: dict[str, tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]] = {
 # by which OHIF 3 takes a polyline of many points into its measurement panel (it recognises other polylines only
 # as rectangles of 4 or 5 points).  The finding type ("Lung") names what is outlined.
 OHIF_FREEHAND_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+# Likewise for a detection's box (a closed polyline of 5 points) and for a detection given as a point.
+OHIF_RECTANGLE = "Cornerstone3DTools@^0.1.0:RectangleROI"
+OHIF_POINT = "Cornerstone3DTools@^0.1.0:Probe"
 
 # CID 100 Quantitative Diagnostic Imaging Procedures.
 _PROCEDURE = {
@@ -41,7 +50,7 @@ _PROCEDURE = {
 def build_sr(
     volume: Volume,
     segmentation: Segmentation,
-    seg_dataset: Dataset,
+    seg_dataset: Dataset | None,
     *,
     series_number: int,
     series_instance_uid: str,
@@ -61,8 +70,9 @@ def build_sr(
       lists it in its measurement panel under the finding type, and jumps to its slice;
     - its volume (mL) and, for CT and MR, the mean and standard deviation (population, ddof=0) of the source
       intensity inside it: a Volumetric ROI group (TID 1411) referencing its SEG segment, or, for a segment
-      left out of the SEG (`Segment.in_seg`), a Measurement group (TID 1501).
-    An empty segment has its volume (0 mL) and no outline.
+      left out of the SEG (`Segment.in_seg`, or no SEG: `seg_dataset` None), a Measurement group (TID 1501).
+    An empty segment has its volume (0 mL) and no outline; when every segment a SEG would hold is empty, the
+    report says that each of them is absent (`_absent`).
     The observer is this node running `model_name`, a DEVICE.  The report is complete but PRELIMINARY and
     UNVERIFIED: nobody has reviewed it.
 
@@ -74,25 +84,14 @@ def build_sr(
         raise ValueError(
             f"masks of shape {segmentation.masks.shape[1:]} are not on the volume's grid {volume.pixels.shape}"
         )
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=name_uid("device-observer", manufacturer, device_name, model_name),
-        name=device_name,
-        manufacturer_name=manufacturer,
-        model_name=model_name,
-    )
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
-        )
-    )
     algorithm = hd.sr.AlgorithmIdentification(
         name=segmentation.algorithm_name, version=segmentation.algorithm_version
     )
-    seg_numbers = seg_segment_numbers(segmentation)
+    seg_numbers = seg_segment_numbers(segmentation) if seg_dataset is not None else {}
     groups: list[hd.sr.ContentSequence] = []
     for segment, mask in zip(segmentation.segments, segmentation.masks):
-        tracking_uid = segment_tracking_uid(seg_dataset.SOPInstanceUID, segment.number)
+        tracking_uid = segment_tracking_uid(seg_dataset.SOPInstanceUID if seg_dataset is not None
+                                            else sop_instance_uid, segment.number)
         about = {
             "finding_category": coded_concept(segment.category),
             "finding_type": coded_concept(segment.type),
@@ -118,27 +117,197 @@ def build_sr(
             )
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(measurements=measurements, **about))
+    drawn = [(segment, mask) for segment, mask in zip(segmentation.segments, segmentation.masks) if segment.in_seg]
+    if not any(mask.any() for _, mask in drawn):
+        groups += [_absent(segment.type, segment.category, algorithm, sop_instance_uid) for segment, _ in drawn]
+    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
+                     device_name, model_name)
+    evidence = [] if seg_dataset is None else [seg_dataset]
+    return _report(volume, groups, evidence, f"{segmentation.algorithm_name} measurements", header)
+
+
+def build_detection_sr(
+    volume: Volume,
+    detections: Detections,
+    *,
+    series_number: int,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    manufacturer: str,
+    software_version: str,
+    device_name: str,
+    model_name: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A measurement report with one group (TID 1501) per finding: its type, and the model's certainty (DCM
+    111012 "Certainty of Finding", in percent, as CAD reports give it) inferred from where it is on the source
+    image nearest its centre: its box (a closed POLYLINE) or its centre (a POINT).  Named `OHIF_RECTANGLE` or
+    `OHIF_POINT`, OHIF lists each finding in its measurement panel and jumps to it.  No finding: the report says
+    the target (e.g. "Nodule") is absent.
+    """
+    algorithm = hd.sr.AlgorithmIdentification(name=detections.algorithm_name, version=detections.algorithm_version)
+    groups: list[hd.sr.ContentSequence] = [
+        _detection_group(volume, detection, number, detections, algorithm, sop_instance_uid)
+        for number, detection in enumerate(detections.findings, start=1)
+    ]
+    if not detections.findings:
+        groups.append(_absent(detections.target, detections.category, algorithm, sop_instance_uid))
+    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
+                     device_name, model_name)
+    return _report(volume, groups, [], f"{detections.algorithm_name} findings", header)
+
+
+def build_classification_sr(
+    volume: Volume,
+    classification: Classification,
+    *,
+    series_number: int,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    manufacturer: str,
+    software_version: str,
+    device_name: str,
+    model_name: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A measurement report with the model's answer about the series: a group (TID 1501) whose qualitative
+    evaluation is the question and its most probable answer (e.g. "Contrast agent: Present"), with that answer's
+    probability (DCM 122157 "Probability", 0..1) as its measurement."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=classification.algorithm_name, version=classification.algorithm_version
+    )
+    answer = classification.answer
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=name_uid("classification", sop_instance_uid), identifier=classification.name.meaning[:64]
+        ),
+        finding_type=coded_concept(classification.name),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(coded_concept(classification.name), coded_concept(answer.value))
+        ],
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=answer.probability,
+                                        unit=codes.UCUM.NoUnits)],
+    )
+    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
+                     device_name, model_name)
+    return _report(volume, [group], [], f"{classification.algorithm_name} classification", header)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What every report of the node says about itself and where it is filed."""
+
+    series_number: int
+    series_instance_uid: str
+    sop_instance_uid: str
+    manufacturer: str
+    software_version: str
+    device_name: str
+    model_name: str
+
+
+def _report(
+    volume: Volume, groups: list[hd.sr.ContentSequence], evidence: list[Dataset], description: str, header: _Header
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR around `groups`: this node running the model is the observing DEVICE; the report is
+    complete but PRELIMINARY and UNVERIFIED (nobody has reviewed it); the source images (and `evidence`, e.g. the
+    SEG) are its evidence."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=name_uid("device-observer", header.manufacturer, header.device_name, header.model_name),
+        name=header.device_name,
+        manufacturer_name=header.manufacturer,
+        model_name=header.model_name,
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=_PROCEDURE.get(volume.modality, codes.cid100.ImagingProcedure),
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[with_patient_and_study(volume.sources[0]), *volume.sources[1:], seg_dataset],
+        evidence=[with_patient_and_study(volume.sources[0]), *volume.sources[1:], *evidence],
         content=report,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        series_number=header.series_number,
+        sop_instance_uid=header.sop_instance_uid,
         instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=model_name,
-        software_versions=software_version,
-        series_description=f"{segmentation.algorithm_name} measurements"[:64],
+        manufacturer=header.manufacturer,
+        manufacturer_model_name=header.model_name,
+        software_versions=header.software_version,
+        series_description=description[:64],
         is_complete=True,
         is_final=False,
         is_verified=False,
     )
 
+
+def _absent(
+    target: CodedConcept, category: CodedConcept, algorithm: hd.sr.AlgorithmIdentification, report_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """"No findings", said: a group (TID 1501) about what the model looks for, evaluated as absent (SCT 272519000),
+    so a reader sees "Nodule: Absent" rather than an empty report they cannot tell from a failed one."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=name_uid("absent", report_uid, target.scheme, target.value), identifier=f"No {target.meaning}"[:64]
+        ),
+        finding_category=coded_concept(category),
+        finding_type=coded_concept(target),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(coded_concept(target), _ABSENT)],
+    )
+
+
+def _detection_group(
+    volume: Volume,
+    detection: Detection,
+    number: int,
+    detections: Detections,
+    algorithm: hd.sr.AlgorithmIdentification,
+    report_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one finding; its location drawn on the source image of the slice nearest its centre."""
+    inverse = np.linalg.inv(volume.affine)
+    k = volume.index_of(detection.centre_lps)[0]
+    frame = volume.frames[k]
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=None if frame.frame_number is None else [frame.frame_number],
+    )
+
+    def pixels(points_lps: np.ndarray) -> np.ndarray:
+        """(column, row) image coordinates of patient points: voxel (i, j) centres are at (i + 0.5, j + 0.5)."""
+        voxels = (inverse @ np.c_[points_lps, np.ones(len(points_lps))].T)[:2].T
+        return voxels + 0.5
+
+    if detection.box_lps is not None:
+        low, high = (np.array(corner) for corner in detection.box_lps)
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+        (c0, r0), (c1, r1) = pixels(corners).min(axis=0), pixels(corners).max(axis=0)
+        graphic = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
+        graphic_type, identifier = hd.sr.GraphicTypeValues.POLYLINE, OHIF_RECTANGLE
+    else:
+        graphic = pixels(np.array([detection.centre_lps]))
+        graphic_type, identifier = hd.sr.GraphicTypeValues.POINT, OHIF_POINT
+    certainty = hd.sr.Measurement(
+        name=codes.DCM.CertaintyOfFinding,
+        value=round(detection.score * 100.0, 3),
+        unit=_PERCENT,
+        referenced_coordinates=[hd.sr.CoordinatesForMeasurement(graphic_type, graphic, source)],
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=name_uid("detection", report_uid, str(number)), identifier=identifier
+        ),
+        finding_category=coded_concept(detections.category),
+        finding_type=coded_concept(detection.type),
+        algorithm_id=algorithm,
+        measurements=[certainty],
+    )
 
 
 def _volume_and_intensity(volume: Volume, mask: np.ndarray) -> list[hd.sr.Measurement]:

@@ -228,6 +228,10 @@ class Job(Base):
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # What the model found: how many findings (segments with voxels, detections; 1 for a classification's
+    # answer), 0 for "found nothing", and in a line for admins ("Nodule 1 (97%)", "Contrast agent: Present").
+    findings: Mapped[int | None] = mapped_column(Integer)
+    summary: Mapped[str | None] = mapped_column(Text)
     load_seconds: Mapped[float | None] = mapped_column(Float)
     inference_seconds: Mapped[float | None] = mapped_column(Float)
     write_seconds: Mapped[float | None] = mapped_column(Float)

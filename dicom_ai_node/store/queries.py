@@ -410,6 +410,8 @@ def _job_row(row) -> dict[str, Any]:
         "attempts": row.attempts,
         "device": row.device,
         "model_version": row.model_version,
+        "findings": row.findings,
+        "summary": row.summary,
         "error": row.error,
         "created_at": _iso(row.created_at),
         "started_at": _iso(row.started_at),

@@ -1,0 +1,198 @@
+"""Detection and classification results: the built-in demo models against phantoms with exact truth, and the SRs
+they become, validated by dciodvfy, read back by dcmqi and highdicom; a model that found nothing says so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from conftest import venv_tool
+from test_results import BONE, LUNGS, MODEL, MODEL_VERSION, dciodvfy, phantom_volume
+
+from dicom_ai_node.inference.builtin_findings import (
+    ABSENT,
+    CONTRAST_AGENT,
+    NODULE,
+    PRESENT,
+    BuiltinContrastModel,
+    BuiltinLungNoduleModel,
+)
+from dicom_ai_node.inference.findings import Detection, Detections
+from dicom_ai_node.inference.segmentation import Segmentation
+from dicom_ai_node.phantoms.ct import CTPhantom, PhantomGeometry
+from dicom_ai_node.results.found import what_was_found
+from dicom_ai_node.results.sr import (
+    OHIF_POINT,
+    OHIF_RECTANGLE,
+    build_classification_sr,
+    build_detection_sr,
+    build_sr,
+)
+
+# (x, y, z from the lungs' centre, radius) in mm: in the left and right lung, 4 to 8 mm across the radius.
+NODULES = ((-70.0, -5.0, 10.0, 6.0), (75.0, 10.0, -30.0, 4.0), (60.0, -30.0, 40.0, 8.0))
+REPORT = {"series_number": 9002, "series_instance_uid": "1.2.3.5", "sop_instance_uid": "1.2.3.6",
+          "manufacturer": "dicom-ai-node", "software_version": "0.1.0", "device_name": "AI_NODE",
+          "model_name": MODEL}
+
+
+def ct(**geometry) -> CTPhantom:
+    return CTPhantom(slices=60, rows=160, columns=160, pixel_spacing=(2.0, 2.0), slice_spacing=3.0, noise_hu=10,
+                     geometry=PhantomGeometry(**geometry))
+
+
+@pytest.fixture(scope="module")
+def nodules() -> tuple:
+    volume = phantom_volume(ct(nodules=NODULES))
+    return volume, BuiltinLungNoduleModel("cpu").predict(volume)
+
+
+def _save(dataset: pydicom.Dataset, folder: Path, name: str) -> Path:
+    path = folder / name
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _tid1500reader(path: Path) -> dict:
+    out = path.with_suffix(".json")
+    run = subprocess.run([venv_tool("tid1500reader"), "--inputDICOM", str(path), "--outputMetadata", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads(out.read_text())
+
+
+def _groups(path: Path) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path)).content.get_image_measurement_groups()
+
+
+def _evaluations(group) -> list:
+    """The group's qualitative evaluations (highdicom lists its finding category among them too)."""
+    return [e for e in group.get_qualitative_evaluations() if e.name.value != "276214006"]
+
+
+# --- the demo models ------------------------------------------------------------------------------------------
+
+
+def test_nodule_candidates_are_found_within_one_voxel_of_the_truth(nodules):
+    volume, found = nodules
+    assert found.target == NODULE and len(found.findings) == len(NODULES)
+    voxel_diagonal = float(np.linalg.norm(volume.spacing))
+    for x, y, z, radius in NODULES:
+        truth = np.array([x, y, z])  # the lungs are centred on z = 0
+        (match,) = [d for d in found.findings if np.linalg.norm(np.array(d.centre_lps) - truth) <= voxel_diagonal]
+        low, high = (np.array(corner) for corner in match.box_lps)
+        assert np.all(low <= truth - radius + np.array(volume.spacing)) and np.all(
+            high >= truth + radius - np.array(volume.spacing)), (match, radius)
+        assert np.all(high - low <= 2 * radius + 2 * np.array(volume.spacing))
+        assert match.type == NODULE and 0.5 <= match.score <= 1.0
+    assert [d.label for d in found.findings] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+
+
+def test_no_nodule_no_candidate():
+    """Lungs, spine, aorta, body wall and noise: nothing for the detector."""
+    found = BuiltinLungNoduleModel("cpu").predict(phantom_volume(ct(contrast=True)))
+    assert found.findings == []
+
+
+@pytest.mark.parametrize("contrast", [True, False])
+def test_contrast_classifier_tells_enhanced_from_unenhanced(contrast: bool):
+    answer = BuiltinContrastModel("cpu").predict(phantom_volume(ct(contrast=contrast, nodules=NODULES)))
+    assert answer.name == CONTRAST_AGENT
+    assert answer.answer.value == (PRESENT if contrast else ABSENT) and answer.answer.probability > 0.95
+
+
+# --- what the SRs say ---------------------------------------------------------------------------------------
+
+
+def test_detection_sr_draws_each_box_on_the_image_nearest_its_centre(nodules, tmp_path):
+    volume, found = nodules
+    path = _save(build_detection_sr(volume, found, **REPORT), tmp_path, "detections.dcm")
+    assert dciodvfy(path) == []
+    groups = _groups(path)
+    assert len(groups) == len(found.findings)
+    slice_of = {frame.sop_instance_uid: k for k, frame in enumerate(volume.frames)}
+    for group, detection in zip(groups, found.findings, strict=True):
+        assert group.tracking_identifier == OHIF_RECTANGLE and group.finding_type.value == NODULE.value
+        (certainty,) = group.get_measurements(name=hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding"))
+        assert float(certainty.value) == pytest.approx(detection.score * 100) and certainty.unit.value == "%"
+        (scoord,) = certainty.referenced_coordinates
+        assert scoord.graphic_type.value == "POLYLINE"
+        box = scoord.value
+        assert len(box) == 5 and np.array_equal(box[0], box[-1])
+        k = slice_of[scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        assert k == volume.index_of(detection.centre_lps)[0]
+        # The rectangle encloses exactly the nodule's pixels on that slice (pixel edges, as a SCOORD counts them).
+        rows, columns = np.nonzero(volume.pixels[k] > -300)
+        centre_k, centre_j, centre_i = volume.index_of(detection.centre_lps)
+        near = (np.abs(rows - centre_j) < 8) & (np.abs(columns - centre_i) < 8)
+        (c0, r0), (c1, r1) = box.min(axis=0), box.max(axis=0)
+        assert c0 <= columns[near].min() and c1 >= columns[near].max() + 1
+        assert r0 <= rows[near].min() and r1 >= rows[near].max() + 1
+        assert (c1 - c0) <= (columns[near].max() + 1 - columns[near].min()) + 2
+    report = _tid1500reader(path)
+    assert len(report["Measurements"]) == len(found.findings)
+
+
+def test_a_detection_without_a_box_is_a_point(nodules, tmp_path):
+    volume, found = nodules
+    point = Detection("Nodule 1", NODULE, 0.5, found.findings[0].centre_lps)
+    detections = Detections([point], found.target, found.category, found.algorithm_name, found.algorithm_version)
+    path = _save(build_detection_sr(volume, detections, **REPORT), tmp_path, "point.dcm")
+    assert dciodvfy(path) == []
+    (group,) = _groups(path)
+    assert group.tracking_identifier == OHIF_POINT
+    (certainty,) = group.get_measurements()
+    (scoord,) = certainty.referenced_coordinates
+    k, j, i = volume.index_of(point.centre_lps)
+    assert scoord.graphic_type.value == "POINT" and np.allclose(scoord.value, [[i + 0.5, j + 0.5]], atol=0.5)
+
+
+def test_a_detector_that_found_nothing_says_what_is_absent(nodules, tmp_path):
+    volume, found = nodules
+    empty = Detections([], found.target, found.category, found.algorithm_name, found.algorithm_version)
+    path = _save(build_detection_sr(volume, empty, **REPORT), tmp_path, "nothing.dcm")
+    assert dciodvfy(path) == []
+    (group,) = _groups(path)
+    (evaluation,) = _evaluations(group)
+    assert (evaluation.name.meaning, evaluation.value.meaning) == ("Nodule", "Absent")
+    assert group.tracking_identifier == "No Nodule"
+    _tid1500reader(path)
+    assert what_was_found(empty, volume).count == 0
+    assert what_was_found(empty, volume).summary == "no findings: Nodule absent"
+    assert what_was_found(found, volume).summary == "Nodule 1 (100%), Nodule 2 (100%), Nodule 3 (100%)"
+
+
+def test_classification_sr_states_the_answer_with_its_probability(tmp_path):
+    volume = phantom_volume(ct(contrast=True))
+    answer = BuiltinContrastModel("cpu").predict(volume)
+    path = _save(build_classification_sr(volume, answer, **REPORT), tmp_path, "classification.dcm")
+    assert dciodvfy(path) == []
+    (group,) = _groups(path)
+    (evaluation,) = _evaluations(group)
+    assert (evaluation.name.value, evaluation.value.value) == (CONTRAST_AGENT.value, PRESENT.value)
+    (probability,) = group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
+    assert float(probability.value) == pytest.approx(answer.answer.probability)
+    report = _tid1500reader(path)
+    (read,) = report["Measurements"]
+    assert read["qualitativeEvaluations"][0]["conceptValue"]["CodeMeaning"] == "Present"
+    assert what_was_found(answer, volume).summary == "Contrast agent: Present (100%)"
+
+
+def test_a_segmentation_that_found_nothing_says_each_segment_is_absent(tmp_path):
+    """No SEG to reference (the worker writes none for an empty result): the SR alone says it."""
+    volume = phantom_volume(CTPhantom(slices=8, rows=32, columns=32, pixel_spacing=(10.0, 10.0), slice_spacing=10.0))
+    segments = [replace(LUNGS, number=1), replace(BONE, number=2)]
+    empty = Segmentation(np.zeros((2, *volume.shape), bool), segments, MODEL, MODEL_VERSION)
+    path = _save(build_sr(volume, empty, None, **REPORT), tmp_path, "empty.dcm")
+    assert dciodvfy(path) == []
+    evaluations = [evaluation for group in _groups(path) for evaluation in _evaluations(group)]
+    assert [(e.name.meaning, e.value.meaning) for e in evaluations] == [("Lung", "Absent"), ("Bone", "Absent")]
+    found = what_was_found(empty, volume)
+    assert (found.count, found.summary) == (0, "no findings: Lung absent, Bone absent")
+    _tid1500reader(path)
