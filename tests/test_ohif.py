@@ -14,8 +14,9 @@ the viewer's own "load" prompt), reads the segmentation panel and screenshots th
 checks the panel lists Lungs and Bone and that the viewport shows them in their SEG colours of distinct hues.
 Then it opens the SR, takes its measurements into the measurement panel (the viewer's "continue tracking?"),
 clicks each one (the viewer jumps to its slice) and checks the panel lists one outline per segment, on the
-image the SR draws it on, with the area the SR gives.  Screenshots: test-artifacts/ohif-seg.png and
-ohif-sr.png (ohif-failure.png on failure).
+image the SR draws it on, with the area the SR gives.  The phantom has two nodules, which the built-in detector's
+SR gives as boxes: a second browser session opens that SR and checks the panel lists both, likewise.  Screenshots: test-artifacts/ohif-seg.png and
+ohif-sr.png, ohif-sr-nodules.png (ohif-failure.png on failure).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -40,6 +42,8 @@ from conftest import dcmtk, free_port, storescu
 from pydicom import uid
 
 from dicom_ai_node.phantoms import CTPhantom
+from dicom_ai_node.phantoms.ct import PhantomGeometry
+from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE, OHIF_RECTANGLE
 
 REPO = Path(__file__).resolve().parent.parent
 OHIF = Path(__file__).resolve().parent / "ohif"
@@ -48,7 +52,10 @@ DRIVER = OHIF / "drive.mjs"
 PLAYWRIGHT = OHIF / "node_modules" / "playwright-core" / "package.json"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
-SEGMENT_LABELS = ["Lungs", "Bone"]  # the body is outlined in the SR, not painted in the SEG
+SEGMENT_LABELS = ["Lungs", "Bone"]
+TISSUE_SR, NODULES_SR = "builtin-ct-tissue measurements", "builtin-ct-lung-nodules findings"
+NODULES = ((-70.0, -5.0, 10.0, 8.0), (75.0, 10.0, -30.0, 6.0))  # in the phantom's lungs: (x, y, z, radius) mm
+PIXEL_MM = 3.0  # the body is outlined in the SR, not painted in the SEG
 # What the measurement panel lists for the SR: one outline per segment, under its finding type.
 MEASUREMENT_LABELS = ["Entire body", "Lung", "Bone"]
 
@@ -245,10 +252,11 @@ def _content_type(path: Path) -> str:
 # --- the browser --------------------------------------------------------------------------------------------
 
 
-def drive_viewer(viewer: DicomwebViewer, study_uid: str, seg_series_uid: str, screenshot: Path,
-                 sr_screenshot: Path, timeout: float = 300) -> dict:
-    """Run tests/ohif/drive.mjs: open the study, load the SEG, read the panel, screenshot; then open the SR, take
-    its measurements into the measurement panel, click each, screenshot.  Returns its JSON."""
+def drive_viewer(viewer: DicomwebViewer, study_uid: str, seg_series_uid: str, screenshot: Path, sr: dict,
+                 sr_only: bool = False, timeout: float = 300) -> dict:
+    """Run tests/ohif/drive.mjs: open the study, load the SEG, read the panel, screenshot (unless `sr_only`); then
+    open the SR described by `sr` ({description, count, screenshot}), take its measurements into the measurement
+    panel, click each, screenshot.  Returns its JSON."""
     request = {
         "chromium": str(CHROMIUM),
         "url": f"{viewer.url}/viewer?StudyInstanceUIDs={study_uid}",
@@ -257,7 +265,8 @@ def drive_viewer(viewer: DicomwebViewer, study_uid: str, seg_series_uid: str, sc
         "labels": SEGMENT_LABELS,
         "jumpTo": "Lungs",  # a click on a segment in the panel shows its middle slice
         "screenshot": str(screenshot),
-        "sr": {"count": len(MEASUREMENT_LABELS), "screenshot": str(sr_screenshot)},
+        "sr": sr,
+        "srOnly": sr_only,
         "failureScreenshot": str(screenshot.with_name("ohif-failure.png")),
         "timeoutMs": int(timeout * 1000) - 20_000,
     }
@@ -312,24 +321,35 @@ def processed_study(request, node_factory, tmp_path) -> dict:
     web_port = free_port()
     node = node_factory(
         workers={"processes": 1},
+        models={"ct-tissue": {"kind": "builtin"}, "nodules": {"kind": "builtin", "model": "ct-lung-nodules"}},
+        routes=[{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["ct-tissue", "nodules"]}],
         web={"enabled": True, "port": web_port,
              "clients": [{"name": "ohif", "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "write": False}]},
     )
     node.start()
-    phantom = CTPhantom(slices=40, rows=128, columns=128, pixel_spacing=(3.0, 3.0), slice_spacing=5.0)
+    phantom = CTPhantom(slices=40, rows=128, columns=128, pixel_spacing=(PIXEL_MM, PIXEL_MM),
+                        slice_spacing=5.0, geometry=PhantomGeometry(nodules=NODULES))
     how, option = COMPRESSIONS[request.param]
     files = compress(phantom.write(tmp_path / "ct"), tmp_path / request.param, how)
     sent = storescu(node.port, *files, extra=["-R", option])
     assert sent.returncode == 0, sent.stderr
-    node.wait_for(lambda: node.json("jobs", "--state", "done"), timeout=180, what="SEG and SR made")
+    node.wait_for(lambda: len(node.json("jobs", "--state", "done")) == 2 or None, timeout=180,
+                  what="SEG and SRs made")
     root = f"http://127.0.0.1:{web_port}/dicom-web"
     series = requests.get(f"{root}/studies/{phantom.study_uid}/series", timeout=10,
                           headers={"Authorization": f"Bearer {TOKEN}"}).json()
-    by_modality = {item["00080060"]["Value"][0]: item["0020000E"]["Value"][0] for item in series}
-    assert set(by_modality) >= {"CT", "SEG", "SR"}, f"the node serves {sorted(by_modality)}"
-    (sr_file,) = (node.storage / phantom.study_uid / by_modality["SR"]).glob("*.dcm")
+    by_modality = {item["00080060"]["Value"][0]: item["0020000E"]["Value"][0] for item in series
+                   if item["00080060"]["Value"][0] != "SR"}
+    srs = {}
+    for item in series:
+        if item["00080060"]["Value"][0] == "SR":
+            (sr_file,) = (node.storage / phantom.study_uid / item["0020000E"]["Value"][0]).glob("*.dcm")
+            sr = pydicom.dcmread(sr_file)
+            srs[sr.SeriesDescription] = sr
+    assert set(by_modality) >= {"CT", "SEG"} and set(srs) == {TISSUE_SR, NODULES_SR}, \
+        f"the node serves {sorted(by_modality)} and the SRs {sorted(srs)}"
     return {"study": phantom.study_uid, "ct": by_modality["CT"], "seg": by_modality["SEG"], "dicomweb": root,
-            "sr": pydicom.dcmread(sr_file), "storage": node.storage / phantom.study_uid}
+            "srs": srs, "storage": node.storage / phantom.study_uid}
 
 
 # --- the test -----------------------------------------------------------------------------------------------
@@ -345,12 +365,17 @@ def _browser_prerequisites() -> None:
 def test_ohif_shows_the_seg_over_the_ct(processed_study):
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot, sr_screenshot = ARTIFACTS / "ohif-seg.png", ARTIFACTS / "ohif-sr.png"
-    for stale in (screenshot, sr_screenshot, ARTIFACTS / "ohif-failure.png"):
+    nodules_screenshot = ARTIFACTS / "ohif-sr-nodules.png"
+    for stale in (screenshot, sr_screenshot, nodules_screenshot, ARTIFACTS / "ohif-failure.png"):
         stale.unlink(missing_ok=True)
 
     # The token stays in the test's proxy; the browser never sees it.
     with DicomwebViewer(VIEWER, processed_study["dicomweb"], {"Authorization": f"Bearer {TOKEN}"}) as viewer:
-        report = drive_viewer(viewer, processed_study["study"], processed_study["seg"], screenshot, sr_screenshot)
+        report = drive_viewer(viewer, processed_study["study"], processed_study["seg"], screenshot,
+                              {"description": TISSUE_SR, "count": 3, "screenshot": str(sr_screenshot)})
+        nodules = drive_viewer(viewer, processed_study["study"], processed_study["seg"], screenshot,
+                               {"description": NODULES_SR, "count": len(NODULES),
+                                "screenshot": str(nodules_screenshot)}, sr_only=True)
 
     failed = [f"{status} {path}" for path, status in viewer.requests if status >= 400]
     context = (f"\ndriver: {json.dumps({k: v for k, v in report.items() if k != 'driver_log'}, indent=1)}"
@@ -375,36 +400,55 @@ def test_ohif_shows_the_seg_over_the_ct(processed_study):
         f"the measurement panel lists {sorted(measurements)}, not one outline per segment{context}"
     instance_numbers = {path.stem: int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber)
                         for path in (processed_study["storage"] / processed_study["ct"]).glob("*.dcm")}
-    outlines = sr_outlines(processed_study["sr"])
-    for row, measurement in enumerate(report["measurements"]):
-        area_mm2, source_uid = outlines[measurement["finding"]]
-        assert measurement["toolName"] == "PlanarFreehandROI" and source_uid in measurement["referencedImageId"], \
-            measurement
-        shown = float(measurement["primary"][0].split()[0].replace(",", ""))
-        assert shown == pytest.approx(area_mm2, rel=0.01), \
-            f"{measurement['finding']}: the viewer shows {measurement['primary']}, the SR says {area_mm2} mm2"
-        slice_shown = report["measurementSlices"][row]
-        assert slice_shown.startswith(f"I:{instance_numbers[source_uid]} "), \
-            f"a click on {measurement['finding']} shows {slice_shown}, not the image its outline is drawn on"
-    assert report["sliceBeforeMeasurements"] not in report["measurementSlices"], f"the viewer did not scroll: {report}"
+    outlines = sr_regions(processed_study["srs"][TISSUE_SR], OHIF_FREEHAND_OUTLINE)
+    assert_listed(report, outlines, "PlanarFreehandROI", instance_numbers)
     assert sr_screenshot.exists(), context
 
+    # The detector's SR: each nodule in the panel as a rectangle, on the image nearest its centre.
+    context = f"\ndriver: {json.dumps({k: v for k, v in nodules.items() if k != 'driver_log'}, indent=1)}"
+    assert nodules.get("ok"), f"the viewer did not list the nodules: {nodules.get('error')}{context}"
+    boxes = sr_regions(processed_study["srs"][NODULES_SR], OHIF_RECTANGLE)
+    assert [m["finding"] for m in nodules["measurements"]] == ["Nodule"] * len(NODULES), context
+    assert_listed(nodules, boxes, "RectangleROI", instance_numbers)
 
-def sr_outlines(sr: pydicom.Dataset) -> dict[str, tuple[float, str]]:
-    """Finding type -> (area in mm2, SOP Instance UID of the image it is drawn on) of each outline in the SR."""
+
+def assert_listed(report: dict, regions: dict[str, list[tuple[float, str]]], tool: str,
+                  instance_numbers: dict[str, int]) -> None:
+    """Each measurement the panel lists is one of the SR's regions (by finding), drawn by `tool` on the image the SR
+    names, with the area of the SR's region; a click on it showed that image (after the driver scrolled away)."""
+    unmatched = {finding: list(found) for finding, found in regions.items()}
+    for row, measurement in enumerate(report["measurements"]):
+        assert measurement["toolName"] == tool, measurement
+        shown = float(measurement["primary"][0].split()[0].replace(",", ""))
+        candidates = unmatched.get(measurement["finding"], [])
+        match = next(((area, source) for area, source in candidates
+                      if source in measurement["referencedImageId"] and shown == pytest.approx(area, rel=0.01)), None)
+        assert match is not None, f"{measurement} is none of the SR's {candidates}"
+        candidates.remove(match)
+        slice_shown = report["measurementSlices"][row]
+        assert slice_shown.startswith(f"I:{instance_numbers[match[1]]} "), \
+            f"a click on {measurement['finding']} shows {slice_shown}, not the image its region is drawn on"
+    assert not any(unmatched.values()), f"not listed: {unmatched}"
+    assert report["sliceBeforeMeasurements"] not in report["measurementSlices"], f"the viewer did not scroll: {report}"
+
+
+def sr_regions(sr: pydicom.Dataset, tracking_identifier: str) -> dict[str, list[tuple[float, str]]]:
+    """Finding type -> [(area in mm2 enclosed, SOP Instance UID of the image it is drawn on)] of the SR's regions
+    (outlines, boxes) in the groups named `tracking_identifier`, the area computed from the SR's polyline."""
     import highdicom as hd
 
-    from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE
+    from dicom_ai_node.results.contours import polygon_area
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
-    outlines = {}
+    regions: dict[str, list[tuple[float, str]]] = {}
     for group in report.get_image_measurement_groups():
-        if group.tracking_identifier == OHIF_FREEHAND_OUTLINE:
-            (area,) = group.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))
-            (scoord,) = area.referenced_coordinates
+        if group.tracking_identifier == tracking_identifier:
+            (first, *_) = group.get_measurements()
+            (scoord,) = first.referenced_coordinates
             source = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            outlines[group.finding_type.meaning] = (float(area.value), source)
-    return outlines
+            area_pixels = polygon_area(np.asarray(scoord.value))
+            regions.setdefault(group.finding_type.meaning, []).append((area_pixels * PIXEL_MM**2, source))
+    return regions
 
 
 def _hue(rgb: tuple[int, int, int]) -> int:

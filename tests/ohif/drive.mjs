@@ -2,7 +2,8 @@
 //
 //   node drive.mjs '<request JSON>'
 //
-// request: {chromium, url, labels: [...], jumpTo, screenshot, failureScreenshot, timeoutMs, sr?: {count, screenshot}}
+// request: {chromium, url, labels: [...], jumpTo, screenshot, failureScreenshot, timeoutMs,
+//           sr?: {description, count, screenshot}, srOnly?}   (srOnly: skip the SEG, open the SR only)
 // Prints one JSON line on stdout: {ok, step, error?, segmentLabels, serviceSegments, viewport, measurements?, ...};
 // progress and the browser's console go to stderr.  Every request outside 127.0.0.1 is refused.
 import { createRequire } from 'node:module';
@@ -86,57 +87,60 @@ try {
     log('no tour');
   }
 
-  step('double-click the SEG series in the study browser');
-  const segThumbnail = page.locator('[data-cy^="study-browser-thumbnail"]').filter({
-    has: page.locator('[data-cy="series-modality-label"]', { hasText: /^\s*SEG\s*$/ }),
-  });
-  await segThumbnail.first().waitFor({ state: 'visible' });
-  report.segSeriesText = (await segThumbnail.first().innerText()).replace(/\s+/g, ' ').trim();
-  await segThumbnail.first().dblclick();
+  if (!request.srOnly) {
+    step('double-click the SEG series in the study browser');
+    const segThumbnail = page.locator('[data-cy^="study-browser-thumbnail"]').filter({
+      has: page.locator('[data-cy="series-modality-label"]', { hasText: /^\s*SEG\s*$/ }),
+    });
+    await segThumbnail.first().waitFor({ state: 'visible' });
+    report.segSeriesText = (await segThumbnail.first().innerText()).replace(/\s+/g, ' ').trim();
+    await segThumbnail.first().dblclick();
 
-  step('accept "open this Segmentation?" (or LOAD) in the viewport');
-  const yes = viewport.getByRole('button', { name: 'Yes', exact: true });
-  const load = viewport.getByText('LOAD', { exact: true });
-  await yes.or(load).first().waitFor({ state: 'visible', timeout: 60_000 });
-  if (await yes.isVisible()) await yes.click();
-  else await load.click();
-  await yes.waitFor({ state: 'hidden' });
+    step('accept "open this Segmentation?" (or LOAD) in the viewport');
+    const yes = viewport.getByRole('button', { name: 'Yes', exact: true });
+    const load = viewport.getByText('LOAD', { exact: true });
+    await yes.or(load).first().waitFor({ state: 'visible', timeout: 60_000 });
+    if (await yes.isVisible()) await yes.click();
+    else await load.click();
+    await yes.waitFor({ state: 'hidden' });
 
-  step('open the segmentation panel');
-  const rows = page.locator('[data-cy="data-row"]');
-  if (!(await rows.first().isVisible())) await page.click('[data-cy="panelSegmentation-btn"]');
-  for (const label of labels) {
-    await rows.filter({ hasText: label }).first().waitFor({ state: 'visible', timeout: 60_000 });
+    step('open the segmentation panel');
+    const rows = page.locator('[data-cy="data-row"]');
+    if (!(await rows.first().isVisible())) await page.click('[data-cy="panelSegmentation-btn"]');
+    for (const label of labels) {
+      await rows.filter({ hasText: label }).first().waitFor({ state: 'visible', timeout: 60_000 });
+    }
+    report.segmentLabels = (await rows.allInnerTexts()).map((t) => t.split('\n').map((s) => s.trim()).filter(Boolean).at(-1));
+
+    step("read the viewer's segmentation service");
+    report.serviceSegments = await page.evaluate(() =>
+      (window.services?.segmentationService?.getSegmentations() ?? []).map((s) => ({
+        label: s.label,
+        segments: Object.values(s.segments ?? {}).filter(Boolean).map((g) => g.label),
+      })),
+    );
+
+    if (request.jumpTo) {
+      step(`click ${request.jumpTo} in the panel (jumps to its slice)`);
+      await rows.filter({ hasText: request.jumpTo }).first().click();
+    }
+    // Away from the panel and the viewport, so no hover card covers the image.
+    await page.mouse.move(60, 980);
+    await page.waitForLoadState('networkidle');
+    await page.waitForTimeout(2_000); // the overlay is drawn on the next render frames
+
+    step('screenshot');
+    report.imageIndex = (await imageIndex.first().innerText()).trim();
+    const box = await viewport.locator('canvas').first().boundingBox();
+    report.viewport = { ...box, pageWidth: page.viewportSize().width };
+    await page.screenshot({ path: request.screenshot, fullPage: false });
   }
-  report.segmentLabels = (await rows.allInnerTexts()).map((t) => t.split('\n').map((s) => s.trim()).filter(Boolean).at(-1));
-
-  step("read the viewer's segmentation service");
-  report.serviceSegments = await page.evaluate(() =>
-    (window.services?.segmentationService?.getSegmentations() ?? []).map((s) => ({
-      label: s.label,
-      segments: Object.values(s.segments ?? {}).filter(Boolean).map((g) => g.label),
-    })),
-  );
-
-  if (request.jumpTo) {
-    step(`click ${request.jumpTo} in the panel (jumps to its slice)`);
-    await rows.filter({ hasText: request.jumpTo }).first().click();
-  }
-  // Away from the panel and the viewport, so no hover card covers the image.
-  await page.mouse.move(60, 980);
-  await page.waitForLoadState('networkidle');
-  await page.waitForTimeout(2_000); // the overlay is drawn on the next render frames
-
-  step('screenshot');
-  report.imageIndex = (await imageIndex.first().innerText()).trim();
-  const box = await viewport.locator('canvas').first().boundingBox();
-  report.viewport = { ...box, pageWidth: page.viewportSize().width };
-  await page.screenshot({ path: request.screenshot, fullPage: false });
 
   if (request.sr) {
     step('double-click the SR series in the study browser');
     const srThumbnail = page.locator('[data-cy^="study-browser-thumbnail"]').filter({
       has: page.locator('[data-cy="series-modality-label"]', { hasText: /^\s*SR\s*$/ }),
+      hasText: request.sr.description,
     });
     await srThumbnail.first().dblclick();
 
