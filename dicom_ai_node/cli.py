@@ -617,7 +617,7 @@ def retry(
     settings = load_config(config)
     engine = _engine(settings)
     jobs_queue = JobQueue(engine, settings.storage.path)
-    delivery_queue = DeliveryQueue(engine, settings.storage.path, settings.delivery)
+    delivery_queue = DeliveryQueue(engine, settings.storage.path, settings.delivery, settings.outputs_of)
     if all_failed:
         jobs_n, deliveries_n = jobs_queue.retry(), delivery_queue.retry_all_failed()
         console.print(f"queued again: {jobs_n} failed job(s), {deliveries_n} failed or dead delivery(ies)")
@@ -685,7 +685,8 @@ def resend(
     engine = _engine(settings)
     study_uid = _study_uid(engine, study_uid)
     try:
-        count = DeliveryQueue(engine, settings.storage.path, settings.delivery).resend(study_uid, to)
+        deliveries = DeliveryQueue(engine, settings.storage.path, settings.delivery, settings.outputs_of)
+        count = deliveries.resend(study_uid, to)
     except ResendRefused as exc:  # e.g. the study's results were purged: nothing is queued
         raise NodeError(str(exc)) from None
     if not count:

@@ -333,6 +333,12 @@ class RouteConfig(_Section):
         return value
 
 
+# What a destination may receive, and the kind of result object (`result_objects.kind`) each is.
+Output = Literal["seg", "sr", "gsps", "sc"]
+OUTPUT_KINDS: dict[str, str] = {"seg": "SEG", "sr": "SR", "gsps": "PR", "sc": "SC"}
+DEFAULT_OUTPUTS: tuple[Output, ...] = ("seg", "sr")
+
+
 class DestinationConfig(_Section):
     """Where results go: a DICOM node (C-STORE), a DICOMweb server (STOW-RS) or Orthanc's REST API; `kind`
     says which, each kind its own class (build that class, not this one)."""
@@ -340,6 +346,17 @@ class DestinationConfig(_Section):
     kind: str
 
     timeout_seconds: float = Field(60.0, gt=0)
+    # Which result objects it receives: SEG and SR by default; "gsps" (presentation states with the outlines,
+    # for viewers that show no SEG) and "sc" (secondary captures with outlines burned in, for viewers that show
+    # nothing else) are made only for jobs that have a destination asking for them.
+    outputs: list[Output] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS), min_length=1)
+
+    @field_validator("outputs")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names an output twice")
+        return value
 
 
 class DimseDestination(DestinationConfig):
@@ -613,6 +630,12 @@ class Config(_Section):
                         f"(known: origin, {known})"
                     )
         return self
+
+    def outputs_of(self, destination: str) -> tuple[str, ...]:
+        """What a destination named in a route receives; `origin` (the sender) and a destination no longer
+        configured receive the defaults."""
+        configured = self.destinations.get(destination)
+        return tuple(configured.outputs) if configured is not None else DEFAULT_OUTPUTS
 
 
 class ConfigError(NodeError):

@@ -46,7 +46,7 @@ class Node:
             config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
         )
         self.queue = JobQueue(self.engine, config.storage.path)
-        self.deliveries = DeliveryQueue(self.engine, config.storage.path, config.delivery)
+        self.deliveries = DeliveryQueue(self.engine, config.storage.path, config.delivery, config.outputs_of)
         self.delivery = DeliveryRunner(config, self.deliveries)
         self.scp = StorageSCP(config, self.index, self.store)
         self.web = WebServer(config, self.engine, self.index, self.store, self.scp.admission.counts)

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicom_ai_node import __version__
-from dicom_ai_node.config import Config, load_config
+from dicom_ai_node.config import OUTPUT_KINDS, Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
 from dicom_ai_node.inference.findings import Classification, Detections
 from dicom_ai_node.inference.model import Model, ModelUnavailable, Prediction, result_identity
@@ -34,6 +34,9 @@ from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.found import what_was_found
+from dicom_ai_node.results.gsps import build_gsps
+from dicom_ai_node.results.marks import detections_drawing, segmentation_drawing
+from dicom_ai_node.results.sc import build_secondary_captures
 from dicom_ai_node.results.sr import build_classification_sr, build_detection_sr, build_sr
 from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 MANUFACTURER = "dicom-ai-node"
 SEG_SERIES_NUMBER = 9001
 SR_SERIES_NUMBER = 9002
+GSPS_SERIES_NUMBER = 9003
+SC_SERIES_NUMBER = 9004
 
 
 class Worker:
@@ -98,7 +103,10 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
-        self.queue.finish(job, results, StageTimes(**times), device, model.version, self._destinations(job), found)
+        made = {result.kind for result in results}
+        destinations = [name for name in self._destinations(job)
+                        if made & {OUTPUT_KINDS[output] for output in self.config.outputs_of(name)}]
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, destinations, found)
         log.info(
             "job %d (%s) done: %s; load %.2f s, inference %.2f s, write %.2f s",
             job.id, job.model, found.summary, times["load"], times["inference"], times["write"],
@@ -126,7 +134,9 @@ class Worker:
         classification: an SR), with UIDs derived from model and inputs: a re-run rewrites the same objects.
 
         A segmentation that found nothing gets no SEG (an empty overlay tells a reader nothing the SR does not)
-        unless the model's `seg_when_empty` asks for one; its SR says what is absent.
+        unless the model's `seg_when_empty` asks for one; its SR says what is absent.  A presentation state and
+        secondary captures of the outlines and boxes are made when a destination of the job asks for them
+        (`outputs`) and there is something to draw.
         """
         sources = [frame.sop_instance_uid for frame in volume.frames]
         settings = self.config.models[job.model]
@@ -146,7 +156,9 @@ class Worker:
             "model_name": f"{model.name} {model.version}",
         }
         found = what_was_found(prediction, volume)
+        wanted = {output for name in self._destinations(job) for output in self.config.outputs_of(name)}
         objects: list[tuple[str, Dataset]] = []
+        drawing = None
         match prediction:
             case Segmentation():
                 seg = None
@@ -164,10 +176,26 @@ class Worker:
                     )
                     objects.append(("SEG", seg))
                 objects.append(("SR", build_sr(volume, prediction, seg, **report)))
+                if wanted & {"gsps", "sc"}:
+                    drawing = segmentation_drawing(prediction, volume, key_slices_only="gsps" not in wanted)
             case Detections():
                 objects.append(("SR", build_detection_sr(volume, prediction, **report)))
+                if wanted & {"gsps", "sc"}:
+                    drawing = detections_drawing(prediction, volume)
             case Classification():
                 objects.append(("SR", build_classification_sr(volume, prediction, **report)))
+        if drawing is not None and drawing.marks:
+            if "gsps" in wanted:
+                objects.append(("PR", build_gsps(
+                    volume, drawing, series_number=GSPS_SERIES_NUMBER, series_instance_uid=uid("gsps-series"),
+                    sop_instance_uid=uid("gsps"), manufacturer=MANUFACTURER, software_version=software,
+                    device_serial_number=self.config.node.ae_title, model_name=report["model_name"],
+                )))
+            if "sc" in wanted:
+                objects += [("SC", image) for image in build_secondary_captures(
+                    volume, drawing, series_number=SC_SERIES_NUMBER, series_instance_uid=uid("sc-series"),
+                    manufacturer=MANUFACTURER, software_version=software, model_name=report["model_name"],
+                )]
         return [store_result(self.store, kind, dataset) for kind, dataset in objects], found
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:

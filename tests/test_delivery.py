@@ -85,6 +85,36 @@ def test_results_arrive_by_cstore_stowrs_and_orthanc_rest(node_factory, orthancs
         assert orthanc.get(f"/studies/{study[0]}")["MainDicomTags"]["StudyInstanceUID"] == phantom.study_uid
 
 
+def test_each_destination_receives_the_outputs_it_asks_for(node_factory, orthancs, tmp_path):
+    """A PACS whose viewers show no SEG asks for the presentation state and the secondary captures as well; one
+    that shows SEG gets SEG and SR only; a viewer that wants only the presentation state gets just that.  Each
+    object Orthanc holds passes dciodvfy."""
+    default, everything, gsps_only = orthancs(), orthancs(), orthancs()
+    node = _delivering_node(node_factory, {
+        "pacs-seg": {"kind": "dimse", "ae_title": default.aet, "host": "127.0.0.1", "port": default.dicom_port},
+        "pacs-all": {"kind": "dimse", "ae_title": everything.aet, "host": "127.0.0.1", "port": everything.dicom_port,
+                     "outputs": ["seg", "sr", "gsps", "sc"]},
+        "viewer-gsps": {"kind": "dicomweb", "url": gsps_only.dicomweb_url, "outputs": ["gsps"]},
+    })
+    node.start()
+    phantom, paths = _ct(tmp_path)
+    assert storescu(node.port, *paths).returncode == 0
+
+    _wait_deliveries(node, "delivered", 3)
+    (job,) = node.json("jobs")
+    results = node.json("job", "show", str(job["id"]))["results"]
+    by_kind: dict[str, list[str]] = {}
+    for result in results:
+        by_kind.setdefault(result["kind"], []).append(result["SOPInstanceUID"])
+    assert sorted(by_kind) == ["PR", "SC", "SEG", "SR"] and len(by_kind["PR"]) == 1 and by_kind["SC"], by_kind
+    expected = {default: ["SEG", "SR"], everything: ["PR", "SC", "SEG", "SR"], gsps_only: ["PR"]}
+    for orthanc, kinds in expected.items():
+        wanted = [uid for kind in kinds for uid in by_kind[kind]]
+        assert orthanc.count_instances() == len(wanted), (kinds, orthanc.count_instances())
+        for uid in wanted:
+            _orthanc_copy_valid(orthanc, tmp_path, uid)
+
+
 def test_pacs_down_then_up_delivers_with_failed_attempts_visible(node_factory, orthancs, tmp_path):
     pacs = orthancs()
     node = _delivering_node(

@@ -15,8 +15,8 @@ checks the panel lists Lungs and Bone and that the viewport shows them in their 
 Then it opens the SR, takes its measurements into the measurement panel (the viewer's "continue tracking?"),
 clicks each one (the viewer jumps to its slice) and checks the panel lists one outline per segment, on the
 image the SR draws it on, with the area the SR gives.  The phantom has two nodules, which the built-in detector's
-SR gives as boxes: a second browser session opens that SR and checks the panel lists both, likewise.  Screenshots: test-artifacts/ohif-seg.png and
-ohif-sr.png, ohif-sr-nodules.png (ohif-failure.png on failure).
+SR gives as boxes: a second browser session opens that SR and checks the panel lists both, likewise.
+Screenshots: test-artifacts/ohif-seg.png, ohif-sr.png and ohif-sr-nodules.png (ohif-failure.png on failure).
 """
 
 from __future__ import annotations

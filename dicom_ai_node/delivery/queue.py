@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, exists, func, select, update
 
-from dicom_ai_node.config import DeliverySection
+from dicom_ai_node.config import DEFAULT_OUTPUTS, OUTPUT_KINDS, DeliverySection
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import (
@@ -47,7 +48,7 @@ class ClaimedDelivery:
     study_instance_uid: str
     series_instance_uid: str
     calling_ae_title: str | None  # of the source series: where `origin` sends back to
-    files: list[Path]
+    files: list[Path]  # the result objects the destination receives (its `outputs`), in the order they were made
     failing_since: dt.datetime | None = None  # first failed attempt of the current run of failures
 
 
@@ -112,10 +113,18 @@ def _already_covered(connection: Connection, uids: list[str], destination: str) 
 
 
 class DeliveryQueue:
-    def __init__(self, engine: Engine, storage_root: Path, settings: DeliverySection) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        storage_root: Path,
+        settings: DeliverySection,
+        outputs_of: Callable[[str], Sequence[str]] = lambda destination: DEFAULT_OUTPUTS,
+    ) -> None:
+        """`outputs_of(destination)` says which result objects a destination receives (`Config.outputs_of`)."""
         self.engine = engine
         self.storage_root = storage_root
         self.settings = settings
+        self.outputs_of = outputs_of
 
     def requeue_interrupted(self) -> int:
         """Deliveries left `sending` by a node that stopped are sent again (same objects, same UIDs)."""
@@ -161,9 +170,10 @@ class DeliveryQueue:
             .join(Study, Study.id == Series.study_id)
             .where(Delivery.id == delivery_id)
         ).one()
+        kinds = [OUTPUT_KINDS[output] for output in self.outputs_of(row.destination)]
         results = connection.execute(
             select(ResultObject.file_path)
-            .where(ResultObject.job_id == row.job_id)
+            .where(ResultObject.job_id == row.job_id, ResultObject.kind.in_(kinds))
             .order_by(ResultObject.id)
         ).all()
         calling = connection.execute(

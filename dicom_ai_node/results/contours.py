@@ -29,13 +29,28 @@ def largest_cross_section(mask: np.ndarray) -> CrossSection | None:
     A radiologist asks "where is it biggest": the slice with the most voxels of the segment, and on it the
     largest region (lungs are two regions; a SCOORD draws one).  None when the mask is empty.
     """
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    areas = np.array([np.count_nonzero(plane) for plane in mask])  # per plane: far faster than along an axis
     if not areas.any():
         return None
     largest = np.flatnonzero(areas == areas.max())
     k = int(largest[len(largest) // 2])  # of equal slices (a cylinder's), the middle one
     region = largest_region(mask[k])
     return CrossSection(k, outline(region), int(region.sum()))
+
+
+def region_outlines(plane: np.ndarray, min_pixels: int = 1) -> list[np.ndarray]:
+    """The outline of every 4-connected region of a 2-D mask with at least `min_pixels` pixels, largest first
+    (holes filled: an outline draws a region's outer edge)."""
+    labels, count = ndimage.label(plane)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    order = [int(n) for n in np.argsort(sizes[1:])[::-1] + 1 if sizes[n] >= min_pixels]
+    boxes = ndimage.find_objects(labels)
+    outlines = []
+    for number in order:
+        rows, columns = boxes[number - 1]
+        region = ndimage.binary_fill_holes(labels[rows, columns] == number)
+        outlines.append(outline(region) + [columns.start, rows.start])
+    return outlines
 
 
 def largest_region(plane: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..inference.findings import Classification, Detections
 from ..inference.segmentation import Segmentation
 from ..inference.volume import Volume
@@ -15,7 +17,7 @@ def what_was_found(prediction: Segmentation | Detections | Classification, volum
         case Segmentation():
             drawn = [(segment, mask) for segment, mask in zip(prediction.segments, prediction.masks)
                      if segment.in_seg]
-            present = [(segment, int(mask.sum())) for segment, mask in drawn if mask.any()]
+            present = [(segment, np.count_nonzero(mask)) for segment, mask in drawn if mask.any()]
             if not present:
                 return Found(0, "no findings: " + ", ".join(f"{segment.type.meaning} absent" for segment, _ in drawn))
             return Found(len(present), ", ".join(f"{segment.label} {voxels * volume.voxel_volume_ml:.1f} mL"

@@ -169,6 +169,14 @@ def with_patient_and_study(source: Dataset) -> Dataset:
     return patched
 
 
+def copy_body_part(target: Dataset, source: Dataset) -> None:
+    """General Series: the body part (and laterality) of the images a derived series shows, so a validator knows
+    whether Laterality is required (a paired body part) instead of finding it missing."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if source.get(keyword):
+            setattr(target, keyword, source.get(keyword))
+
+
 def _label_map(masks: np.ndarray, segments: list[Segment]) -> np.ndarray:
     """(slices, rows, columns) of SEG segment numbers (1 for `segments[0]` ...); 0 is background."""
     dtype = np.uint8 if len(segments) < 256 else np.uint16

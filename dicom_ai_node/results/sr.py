@@ -14,6 +14,7 @@ from ..inference.findings import Classification, Detection, Detections
 from ..inference.segmentation import CodedConcept, Segmentation
 from ..inference.volume import Volume
 from .contours import CrossSection, largest_cross_section, polygon_area
+from .marks import detection_region
 from .seg import coded_concept, seg_segment_numbers, segment_tracking_uid, with_patient_and_study
 from .uids import name_uid
 
@@ -270,34 +271,16 @@ def _detection_group(
     report_uid: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one finding; its location drawn on the source image of the slice nearest its centre."""
-    inverse = np.linalg.inv(volume.affine)
-    k = volume.index_of(detection.centre_lps)[0]
-    frame = volume.frames[k]
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=frame.sop_class_uid,
-        referenced_sop_instance_uid=frame.sop_instance_uid,
-        referenced_frame_numbers=None if frame.frame_number is None else [frame.frame_number],
-    )
-
-    def pixels(points_lps: np.ndarray) -> np.ndarray:
-        """(column, row) image coordinates of patient points: voxel (i, j) centres are at (i + 0.5, j + 0.5)."""
-        voxels = (inverse @ np.c_[points_lps, np.ones(len(points_lps))].T)[:2].T
-        return voxels + 0.5
-
-    if detection.box_lps is not None:
-        low, high = (np.array(corner) for corner in detection.box_lps)
-        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
-        (c0, r0), (c1, r1) = pixels(corners).min(axis=0), pixels(corners).max(axis=0)
-        graphic = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
-        graphic_type, identifier = hd.sr.GraphicTypeValues.POLYLINE, OHIF_RECTANGLE
-    else:
-        graphic = pixels(np.array([detection.centre_lps]))
-        graphic_type, identifier = hd.sr.GraphicTypeValues.POINT, OHIF_POINT
+    k, graphic_type, graphic = detection_region(volume, detection)
+    source = _source_image(volume, k)
+    identifier = OHIF_POINT if graphic_type == "POINT" else OHIF_RECTANGLE
     certainty = hd.sr.Measurement(
         name=codes.DCM.CertaintyOfFinding,
         value=round(detection.score * 100.0, 3),
         unit=_PERCENT,
-        referenced_coordinates=[hd.sr.CoordinatesForMeasurement(graphic_type, graphic, source)],
+        referenced_coordinates=[
+            hd.sr.CoordinatesForMeasurement(hd.sr.GraphicTypeValues(graphic_type), graphic, source)
+        ],
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -312,7 +295,7 @@ def _detection_group(
 
 def _volume_and_intensity(volume: Volume, mask: np.ndarray) -> list[hd.sr.Measurement]:
     """The segment's volume (mL) and, for a modality whose pixel values measure something, their mean and SD."""
-    measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=int(mask.sum()) * volume.voxel_volume_ml,
+    measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=np.count_nonzero(mask) * volume.voxel_volume_ml,
                                       unit=_MILLILITRE)]
     intensity = _INTENSITY.get(volume.modality)
     if intensity is not None and mask.any():
@@ -335,12 +318,7 @@ def _outline_group(
     Not a Planar ROI group (TID 1410), whose region sits beside its measurements: OHIF draws such a region but
     cannot list it, as it reads the coordinates of a listed measurement from under its first numeric item.
     """
-    frame = volume.frames[section.slice_index]
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=frame.sop_class_uid,
-        referenced_sop_instance_uid=frame.sop_instance_uid,
-        referenced_frame_numbers=None if frame.frame_number is None else [frame.frame_number],
-    )
+    source = _source_image(volume, section.slice_index)
     column_mm, row_mm, _ = volume.spacing
     area = hd.sr.Measurement(
         name=codes.SCT.Area,
@@ -354,4 +332,14 @@ def _outline_group(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=OHIF_FREEHAND_OUTLINE),
         measurements=[area],
         **about,
+    )
+
+
+def _source_image(volume: Volume, slice_index: int) -> hd.sr.SourceImageForRegion:
+    """The image (and frame, of a multi-frame image) that slice `slice_index` of the volume came from."""
+    frame = volume.frames[slice_index]
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=None if frame.frame_number is None else [frame.frame_number],
     )

@@ -246,7 +246,7 @@ class ResultObject(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # SEG | SR
+    kind: Mapped[str] = mapped_column(String(8))  # SEG | SR | PR (presentation state) | SC (secondary capture)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
