@@ -262,6 +262,13 @@ class _ModelFromFile(ModelConfig):
     path: Path
     mixed_precision: bool = False
     labels: dict[str, str] = {}  # label name -> "SCT:code:meaning" (networks that do not name their channels)
+    # What the network returns: "segmentation" (a label per voxel: SEG and SR) or "classification" (one
+    # probability per class for the whole series: an SR with the answer).  Unset: a MONAI bundle's metadata says
+    # (network_data_format.outputs of type "probabilities" or format "classes" is a classification), else
+    # segmentation.  A classification's classes are its channels in order, each coded in `labels`.
+    output: Literal["segmentation", "classification"] | None = None
+    # What a classification is about, "SCHEME:code:meaning", e.g. "SCT:7140000:Contrast agent".
+    finding: str | None = None
 
     @field_validator("path")
     @classmethod

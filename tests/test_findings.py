@@ -12,9 +12,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import torch
 from conftest import venv_tool
 from test_results import BONE, LUNGS, MODEL, MODEL_VERSION, dciodvfy, phantom_volume
 
+from dicom_ai_node.config import MonaiBundleConfig
 from dicom_ai_node.inference.builtin_findings import (
     ABSENT,
     CONTRAST_AGENT,
@@ -23,8 +25,11 @@ from dicom_ai_node.inference.builtin_findings import (
     BuiltinContrastModel,
     BuiltinLungNoduleModel,
 )
+from dicom_ai_node.inference.bundle import MonaiBundleModel
 from dicom_ai_node.inference.findings import Detection, Detections
+from dicom_ai_node.inference.model import ModelUnavailable
 from dicom_ai_node.inference.segmentation import Segmentation
+from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.phantoms.ct import CTPhantom, PhantomGeometry
 from dicom_ai_node.results.found import what_was_found
 from dicom_ai_node.results.sr import (
@@ -196,3 +201,77 @@ def test_a_segmentation_that_found_nothing_says_each_segment_is_absent(tmp_path)
     found = what_was_found(empty, volume)
     assert (found.count, found.summary) == (0, "no findings: Lung absent, Bone absent")
     _tid1500reader(path)
+
+
+# --- classification by a TorchScript file or a MONAI bundle ----------------------------------------------------
+
+
+class _EnhancedFraction(torch.nn.Module):
+    """A stand-in network with fixed weights: the fraction of voxels the window leaves strictly between 0 and 1
+    (enhanced blood, 150-300 HU, and the edges of bone that resizing blurs), as logits of (absent, present) around
+    8 voxels in 1000."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fraction = ((x > 0.05) & (x < 0.95)).float().mean()
+        present = 2000.0 * (fraction - 0.008)
+        return torch.stack([-present, present])[None]
+
+
+CONTRAST_LABELS = {"absent": "SCT:272519000:Absent", "present": "SCT:52101004:Present"}
+
+
+@pytest.fixture(scope="module")
+def contrast_volumes() -> dict[bool, object]:
+    return {contrast: phantom_volume(ct(contrast=contrast)) for contrast in (True, False)}
+
+
+def test_a_torchscript_classifier_answers_for_the_whole_series(contrast_volumes, tmp_path):
+    path = tmp_path / "classifier.ts"
+    torch.jit.script(_EnhancedFraction()).save(str(path))
+    model = TorchScriptModel("contrast-ts", path, "cpu", None, (150.0, 300.0), (64, 64, 32), CONTRAST_LABELS,
+                             finding=CONTRAST_AGENT)
+    for contrast, volume in contrast_volumes.items():
+        answer = model.predict(volume)
+        assert answer.name == CONTRAST_AGENT and answer.algorithm_version == model.version
+        assert [score.value.meaning for score in answer.scores] == ["Absent", "Present"]
+        assert answer.answer.value == (PRESENT if contrast else ABSENT), answer.scores
+        assert sum(score.probability for score in answer.scores) == pytest.approx(1.0)
+
+
+def test_a_bundle_whose_metadata_says_classes_is_a_classifier(contrast_volumes, tmp_path):
+    """network_data_format.outputs of type "probabilities" and format "classes" make the bundle a classifier of the
+    whole series; its channel_def names the classes (channel 0 a class, not background), `labels` codes them."""
+    bundle = tmp_path / "contrast-bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    torch.jit.script(_EnhancedFraction()).save(str(bundle / "models" / "model.ts"))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({
+        "version": "0.1.0",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "num_channels": 1}},
+            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": 2,
+                                 "channel_def": {"0": "absent", "1": "present"}}},
+        },
+    }))
+    (bundle / "configs" / "inference.json").write_text(json.dumps({
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 150, "a_max": 300, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            {"_target_": "Resized", "keys": "image", "spatial_size": [64, 64, 32], "mode": "area"},
+        ]},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        ]},
+    }))
+    config = MonaiBundleConfig(path=bundle, labels=CONTRAST_LABELS, finding="SCT:7140000:Contrast agent")
+    model = MonaiBundleModel("contrast-bundle", config)
+    for contrast, volume in contrast_volumes.items():
+        answer = model.predict(volume)
+        assert answer.answer.value == (PRESENT if contrast else ABSENT), answer.scores
+        assert answer.answer.probability > 0.95
+    with pytest.raises(ModelUnavailable, match="models.contrast-bundle.finding"):
+        MonaiBundleModel("contrast-bundle", MonaiBundleConfig(path=bundle, labels=CONTRAST_LABELS))

@@ -33,6 +33,7 @@ from monai.transforms import (
 )
 
 from dicom_ai_node.config import MonaiBundleConfig
+from dicom_ai_node.inference.findings import Classification, ClassScore
 from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
 from dicom_ai_node.inference.segmentation import PALETTE, CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
@@ -76,6 +77,37 @@ def coded_segments(names: list[str], codes: dict[str, str], model: str) -> list[
             )
         )
     return segments
+
+
+def classification_of(
+    logits: torch.Tensor, classes: list[CodedConcept], finding: CodedConcept, name: str, version: str
+) -> Classification:
+    """A network's output for one series (one value per class, in `classes` order) as a Classification: taken as
+    probabilities when it already is a probability vector, else as logits (softmax)."""
+    values = torch.as_tensor(logits).detach().float().cpu().reshape(-1)
+    if values.numel() != len(classes):
+        raise ValueError(f"{name} returned {values.numel()} value(s) for {len(classes)} class(es)")
+    if not (values.min() >= 0 and abs(float(values.sum()) - 1.0) < 1e-3):
+        values = torch.softmax(values.double(), dim=0)
+    values = values.double() / values.double().sum()
+    scores = [ClassScore(concept, float(p)) for concept, p in zip(classes, values)]
+    return Classification(finding, scores, name, version)
+
+
+def classification_target(output: str | None, metadata: dict[str, Any], finding: str | None, model: str
+                          ) -> CodedConcept | None:
+    """What a classification model's answer is about, or None for a segmentation model: `output` if the node's
+    config sets it, else the bundle metadata's first output (type "probabilities" or format "classes")."""
+    if output is None:
+        described = next(iter(metadata.get("network_data_format", {}).get("outputs", {}).values()), {})
+        classifies = described.get("type") == "probabilities" or described.get("format") == "classes"
+        output = "classification" if classifies else "segmentation"
+    if output == "segmentation":
+        return None
+    if finding is None:
+        raise ModelUnavailable(f"{model}: a classification needs models.{model}.finding, what it classifies, as "
+                               "SCHEME:code:meaning (e.g. SCT:7140000:Contrast agent)")
+    return parse_code(finding, f"models.{model}.finding")
 
 
 def to_source_grid(labelmap: MetaTensor, source: MetaTensor) -> MetaTensor:
@@ -149,14 +181,17 @@ def _in_memory_postprocessing(parser: ConfigParser) -> Compose | None:
     return compose
 
 
-def _channel_names(metadata: dict[str, Any], codes: dict[str, str]) -> tuple[list[int], list[str]]:
-    """Label values and names: the output's channel_def without channel 0 (background), else the config's labels."""
+def _channel_names(metadata: dict[str, Any], codes: dict[str, str], background: bool = True
+                   ) -> tuple[list[int], list[str]]:
+    """Label values and names: the output's channel_def without channel 0 when it is the background (a
+    segmentation's; a classification's channel 0 is a class), else the config's labels."""
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     channel_def = next((output.get("channel_def") for output in outputs.values() if output.get("channel_def")), {})
+    first = 1 if background else 0
     if channel_def:
-        pairs = sorted((int(value), str(name)) for value, name in channel_def.items() if int(value) != 0)
+        pairs = sorted((int(value), str(name)) for value, name in channel_def.items() if int(value) >= first)
         return [value for value, _ in pairs], [name for _, name in pairs]
-    return list(range(1, len(codes) + 1)), list(codes)
+    return list(range(first, len(codes) + first)), list(codes)
 
 
 class MonaiBundleModel:
@@ -170,7 +205,8 @@ class MonaiBundleModel:
         parser = read_bundle_config(self.path, self.device)
         metadata = parser.get("_meta_", {})
         self.version = str(metadata.get("version", "unknown"))
-        self.values, names = _channel_names(metadata, config.labels)
+        self.finding = classification_target(config.output, metadata, config.finding, name)
+        self.values, names = _channel_names(metadata, config.labels, background=self.finding is None)
         if not names:
             raise ModelUnavailable(f"{name}: bundle {self.path} names no output channels; set models.{name}.labels")
         self.segments = coded_segments(names, config.labels, name)
@@ -206,14 +242,17 @@ class MonaiBundleModel:
         network.to(self.device)
         return network.eval(), weights
 
-    def predict(self, volume: Volume) -> Segmentation:
-        """Segment the volume; the masks lie on exactly its grid."""
+    def predict(self, volume: Volume) -> Segmentation | Classification:
+        """Segment the volume (the masks lie on exactly its grid), or classify it."""
         source = volume.to_metatensor()
         # Bundle transforms are not ours to audit for in-place changes; the volume's pixels must stay intact.
         data = self.preprocessing({"image": source.clone()})
         image = data["image"]
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
             logits = self.inferer(image.as_tensor()[None].to(self.device), self.network)
+        if self.finding is not None:  # the bundle's postprocessing (argmax, thresholds) would lose the probabilities
+            return classification_of(torch.as_tensor(logits)[0], [segment.type for segment in self.segments],
+                                     self.finding, self.name, self.version)
         data["pred"] = MetaTensor(torch.as_tensor(logits)[0].float(), meta=dict(image.meta))
         if self.postprocessing is not None:
             with torch.no_grad():

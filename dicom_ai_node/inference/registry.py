@@ -42,6 +42,7 @@ class ModelRegistry:
 
                 return MonaiBundleModel(name, config)
             case TorchScriptConfig():
+                from dicom_ai_node.inference.bundle import classification_target
                 from dicom_ai_node.inference.torchscript import TorchScriptModel
 
                 return TorchScriptModel(
@@ -54,5 +55,6 @@ class ModelRegistry:
                     config.labels,
                     orientation=config.orientation,
                     mixed_precision=config.mixed_precision,
+                    finding=classification_target(config.output, {}, config.finding, name),
                 )
         raise ModelUnavailable(f"{name}: no loader for {type(config).__name__}")
