@@ -67,6 +67,7 @@ class EventKind(enum.StrEnum):
     JOB_FAILED = "job-failed"
     JOB_SKIPPED = "job-skipped"
     JOB_WAITING = "job-waiting"  # results wait for disk space
+    JOB_INCOMPLETE = "job-incomplete"  # done, but a result a destination asked for could not be made (the reason)
 
     # Deliveries (one per state an attempt leaves, as `delivery-<state>`)
     DELIVERY_DELIVERED = "delivery-delivered"

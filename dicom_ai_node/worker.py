@@ -35,7 +35,7 @@ from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.results.seg import build_seg
 from dicom_ai_node.results.found import what_was_found
 from dicom_ai_node.results.gsps import build_gsps
-from dicom_ai_node.results.marks import detections_drawing, segmentation_drawing
+from dicom_ai_node.results.marks import detections_drawing, segmentation_drawing, within_the_series
 from dicom_ai_node.results.sc import build_secondary_captures
 from dicom_ai_node.results.sr import build_classification_sr, build_detection_sr, build_sr
 from dicom_ai_node.results.store import store_result
@@ -78,6 +78,7 @@ class Worker:
         try:
             model = self.models.get(job.model)
             device = str(model.device)
+            destinations = self._destinations(job)
             started = time.perf_counter()
             volume = load_volume(job.paths)
             times["load"] = time.perf_counter() - started
@@ -85,7 +86,7 @@ class Worker:
             prediction = model.predict(volume)
             times["inference"] = time.perf_counter() - started
             started = time.perf_counter()
-            results, found = self._write_results(job, volume, prediction, model)
+            results, found, left_out = self._write_results(job, volume, prediction, model, destinations)
             times["write"] = time.perf_counter() - started
         except VolumeError as exc:
             log.warning("job %d (%s) skipped: %s", job.id, job.model, exc)
@@ -103,10 +104,11 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.model)
             self.queue.fail(job, JobState.FAILED, f"{type(exc).__name__}: {exc}", StageTimes(**times), device)
             return
+        # A destination none of whose outputs this job made gets no delivery (e.g. "gsps" for a classification).
         made = {result.kind for result in results}
-        destinations = [name for name in self._destinations(job)
-                        if made & {OUTPUT_KINDS[output] for output in self.config.outputs_of(name)}]
-        self.queue.finish(job, results, StageTimes(**times), device, model.version, destinations, found)
+        receiving = [name for name in destinations
+                     if made & {OUTPUT_KINDS[output] for output in self.config.outputs_of(name)}]
+        self.queue.finish(job, results, StageTimes(**times), device, model.version, receiving, found, left_out)
         log.info(
             "job %d (%s) done: %s; load %.2f s, inference %.2f s, write %.2f s",
             job.id, job.model, found.summary, times["load"], times["inference"], times["write"],
@@ -128,15 +130,17 @@ class Worker:
         return list(route.destinations)
 
     def _write_results(
-        self, job: ClaimedJob, volume: Volume, prediction: Prediction, model: Model
-    ) -> tuple[list[StoredResult], Found]:
+        self, job: ClaimedJob, volume: Volume, prediction: Prediction, model: Model, destinations: list[str]
+    ) -> tuple[list[StoredResult], Found, list[str]]:
         """The result objects of what the model returned (a segmentation: SEG then SR; detections or a
-        classification: an SR), with UIDs derived from model and inputs: a re-run rewrites the same objects.
+        classification: an SR), with UIDs derived from model and inputs: a re-run rewrites the same objects;
+        with what the model found, and what was left out and why.
 
         A segmentation that found nothing gets no SEG (an empty overlay tells a reader nothing the SR does not)
-        unless the model's `seg_when_empty` asks for one; its SR says what is absent.  A presentation state and
-        secondary captures of the outlines and boxes are made when a destination of the job asks for them
-        (`outputs`) and there is something to draw.
+        unless the model's `seg_when_empty` asks for one; its SR says what is absent.  A finding placed outside
+        the series is left out.  A presentation state and secondary captures of the outlines and boxes are made
+        when a destination of the job asks for them (`outputs`) and there is something to draw; they are extras
+        for viewers without SEG, so one that cannot be made is left out, never the SEG and SR.
         """
         sources = [frame.sop_instance_uid for frame in volume.frames]
         settings = self.config.models[job.model]
@@ -146,6 +150,7 @@ class Worker:
             return derive_uid(kind, model.name, identity, sources)
 
         software = f"{__version__} {model.name} {model.version}"
+        model_name = f"{model.name} {model.version}"
         report = {
             "series_number": SR_SERIES_NUMBER,
             "series_instance_uid": uid("sr-series"),
@@ -153,16 +158,21 @@ class Worker:
             "manufacturer": MANUFACTURER,
             "software_version": software,
             "device_name": MANUFACTURER,
-            "model_name": f"{model.name} {model.version}",
+            "model_name": model_name,
         }
+        wanted = {output for name in destinations for output in self.config.outputs_of(name)}
+        left_out: list[str] = []
+        if isinstance(prediction, Detections):
+            prediction, outside = within_the_series(prediction, volume)
+            left_out += [f"{finding.label} lies outside the series (centre {finding.centre_lps} mm): left out"
+                         for finding in outside]
         found = what_was_found(prediction, volume)
-        wanted = {output for name in self._destinations(job) for output in self.config.outputs_of(name)}
         objects: list[tuple[str, Dataset]] = []
         drawing = None
         match prediction:
             case Segmentation():
                 seg = None
-                if found.count or settings.seg_when_empty:
+                if (found.count or settings.seg_when_empty) and any(s.in_seg for s in prediction.segments):
                     seg = build_seg(
                         volume,
                         prediction,
@@ -184,19 +194,27 @@ class Worker:
                     drawing = detections_drawing(prediction, volume)
             case Classification():
                 objects.append(("SR", build_classification_sr(volume, prediction, **report)))
-        if drawing is not None and drawing.marks:
-            if "gsps" in wanted:
-                objects.append(("PR", build_gsps(
-                    volume, drawing, series_number=GSPS_SERIES_NUMBER, series_instance_uid=uid("gsps-series"),
-                    sop_instance_uid=uid("gsps"), manufacturer=MANUFACTURER, software_version=software,
-                    device_serial_number=self.config.node.ae_title, model_name=report["model_name"],
-                )))
-            if "sc" in wanted:
-                objects += [("SC", image) for image in build_secondary_captures(
-                    volume, drawing, series_number=SC_SERIES_NUMBER, series_instance_uid=uid("sc-series"),
-                    manufacturer=MANUFACTURER, software_version=software, model_name=report["model_name"],
-                )]
-        return [store_result(self.store, kind, dataset) for kind, dataset in objects], found
+        extras = {
+            "gsps": ("a presentation state", "PR", lambda: [build_gsps(
+                volume, drawing, series_number=GSPS_SERIES_NUMBER, series_instance_uid=uid("gsps-series"),
+                sop_instance_uid=uid("gsps"), manufacturer=MANUFACTURER, software_version=software,
+                device_serial_number=self.config.node.ae_title, model_name=model_name,
+            )]),
+            "sc": ("secondary captures", "SC", lambda: build_secondary_captures(
+                volume, drawing, series_number=SC_SERIES_NUMBER, series_instance_uid=uid("sc-series"),
+                manufacturer=MANUFACTURER, software_version=software, model_name=model_name,
+            )),
+        }
+        for output, (what, kind, build) in extras.items():
+            if output not in wanted or drawing is None or not drawing.marks:
+                continue
+            try:
+                objects += [(kind, dataset) for dataset in build()]
+            except Exception as exc:  # e.g. images a presentation state cannot cover (rescale differs per image)
+                log.exception("job %d (%s): %s not made", job.id, job.model, what)
+                left_out.append(f"{what} not made ({output} is in the outputs of a destination): "
+                                f"{type(exc).__name__}: {exc}")
+        return [store_result(self.store, kind, dataset) for kind, dataset in objects], found, left_out
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Work until `stop`, or until the parent node died (e.g. kill -9): an orphan must not keep working."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE, evt
@@ -113,6 +114,34 @@ def test_each_destination_receives_the_outputs_it_asks_for(node_factory, orthanc
         assert orthanc.count_instances() == len(wanted), (kinds, orthanc.count_instances())
         for uid in wanted:
             _orthanc_copy_valid(orthanc, tmp_path, uid)
+
+
+def test_a_presentation_state_that_cannot_be_made_costs_nothing_else(node_factory, orthancs, tmp_path):
+    """One slice stored with another rescale intercept (same Hounsfield units): a single presentation state cannot
+    carry two Modality LUTs, so it is left out, said in a job-incomplete event; the SEG and SR are made and
+    delivered all the same."""
+    pacs = orthancs()
+    node = _delivering_node(node_factory, {
+        "pacs": {"kind": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
+                 "outputs": ["seg", "sr", "gsps"]},
+    })
+    node.start()
+    phantom, paths = _ct(tmp_path)
+    odd = pydicom.dcmread(paths[5])
+    stored = odd.pixel_array.astype(np.int32) - 24  # intercept -1000 instead of -1024: the same HU
+    odd.PixelData = stored.clip(0, 4095).astype(np.uint16).tobytes()
+    odd.RescaleIntercept = -1000
+    odd.save_as(paths[5], enforce_file_format=True)
+    assert storescu(node.port, *paths).returncode == 0
+
+    (delivery,) = _wait_deliveries(node, "delivered", 1)
+    (job,) = node.json("jobs")
+    assert job["state"] == "done"
+    kinds = sorted(result["kind"] for result in node.json("job", "show", str(job["id"]))["results"])
+    assert kinds == ["SEG", "SR"]
+    assert pacs.count_instances() == 2
+    (incomplete,) = [e for e in node.json("events", "--study", phantom.study_uid) if e["kind"] == "job-incomplete"]
+    assert "a presentation state not made" in incomplete["message"] and "RescaleIntercept" in incomplete["message"]
 
 
 def test_pacs_down_then_up_delivers_with_failed_attempts_visible(node_factory, orthancs, tmp_path):

@@ -32,6 +32,7 @@ from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.phantoms.ct import CTPhantom, PhantomGeometry
 from dicom_ai_node.results.found import what_was_found
+from dicom_ai_node.results.marks import detection_region, within_the_series
 from dicom_ai_node.results.sr import (
     OHIF_POINT,
     OHIF_RECTANGLE,
@@ -275,3 +276,57 @@ def test_a_bundle_whose_metadata_says_classes_is_a_classifier(contrast_volumes, 
         assert answer.answer.probability > 0.95
     with pytest.raises(ModelUnavailable, match="models.contrast-bundle.finding"):
         MonaiBundleModel("contrast-bundle", MonaiBundleConfig(path=bundle, labels=CONTRAST_LABELS))
+
+
+def test_a_finding_outside_the_series_is_left_out_and_the_rest_reported(nodules, tmp_path):
+    """A model's box placed beyond the last slice cannot be drawn on any image: the worker leaves it out (and says
+    so in a job-incomplete event) instead of failing the job and losing the findings inside."""
+    volume, found = nodules
+    beyond = Detection("Nodule 9", NODULE, 0.9, (0.0, 0.0, 1000.0))
+    with_outside = Detections([*found.findings, beyond], found.target, found.category, found.algorithm_name,
+                              found.algorithm_version)
+    kept, outside = within_the_series(with_outside, volume)
+    assert outside == [beyond] and kept.findings == found.findings
+    path = _save(build_detection_sr(volume, kept, **REPORT), tmp_path, "kept.dcm")
+    assert dciodvfy(path) == [] and len(_groups(path)) == len(found.findings)
+
+
+def test_a_box_past_the_image_edge_is_drawn_to_the_edge_and_a_flat_one_as_a_point(nodules):
+    volume, found = nodules
+    x, y, z = found.findings[0].centre_lps
+    wide = Detection("Nodule 1", NODULE, 0.5, (x, y, z), ((x - 1000.0, y - 2.0, z - 2.0), (x + 2.0, y + 2.0, z + 2.0)))
+    k, graphic_type, box = detection_region(volume, wide)
+    assert graphic_type == "POLYLINE" and box[:, 0].min() == 0.0 and box.min() >= 0.0
+    flat = Detection("Nodule 1", NODULE, 0.5, (x, y, z), ((x, y, z - 2.0), (x, y, z + 2.0)))
+    assert detection_region(volume, flat)[1] == "POINT"
+
+
+def test_nodules_are_found_in_lungs_that_touch_the_edge_of_the_image(nodules):
+    """Lung cut by the field of view touches the image's edge: what lies outside the lung is what touches the
+    edge apart from the lung itself, so a nodule inside it is still enclosed."""
+    volume, _ = nodules
+    lungs = np.zeros(volume.shape, bool)
+    lungs[20:40, 0:60, 0:60] = True  # a block of lung in the image's corner
+    pixels = np.full(volume.shape, -1000.0, np.float32)
+    pixels[~lungs] = 40.0
+    pixels[28:33, 25:30, 25:30] = 40.0  # a 5-voxel nodule in it
+    lungs[28:33, 25:30, 25:30] = False
+    cut = replace(volume, pixels=pixels)
+    model = BuiltinLungNoduleModel("cpu")
+    model.tissue = _FixedTissue(lungs)
+    (candidate,) = model.predict(cut).findings
+    k, j, i = cut.index_of(candidate.centre_lps)
+    assert (k, j, i) == (30, 27, 27)
+
+
+class _FixedTissue:
+    """The tissue model's masks, fixed: (body, lungs, bone) with `lungs` given."""
+
+    def __init__(self, lungs: np.ndarray) -> None:
+        self.lungs = lungs
+
+    def predict(self, volume) -> Segmentation:
+        empty = np.zeros_like(self.lungs)
+        return Segmentation(np.stack([~self.lungs, self.lungs, empty]), [replace(LUNGS, number=n, label=f"s{n}")
+                                                                         for n in (1, 2, 3)], MODEL, MODEL_VERSION)
+

@@ -14,6 +14,7 @@ from test_results import _lab_from_dicom, dciodvfy, phantom_volume
 
 from dicom_ai_node.inference.builtin import BuiltinCTModel
 from dicom_ai_node.inference.builtin_findings import BuiltinLungNoduleModel
+from dicom_ai_node.phantoms.ct import CTPhantom, oblique_orientation
 from dicom_ai_node.results.contours import polygon_area
 from dicom_ai_node.results.gsps import build_gsps
 from dicom_ai_node.results.marks import detections_drawing, segmentation_drawing
@@ -110,3 +111,17 @@ def test_secondary_captures_burn_the_outlines_into_the_key_slices(case, tmp_path
             banner = pixels[-10:]
             assert (np.all(banner == (255, 255, 0), axis=-1)).sum() > 50  # the banner's yellow text
 
+
+
+def test_secondary_captures_say_the_patient_orientation_of_an_oblique_slice(tmp_path):
+    """Patient Orientation of a slice tilted 30 degrees towards the feet: the rows run left and down ("LF"), so a
+    reader of the key image knows it is oblique."""
+    volume = phantom_volume(CTPhantom(slices=20, rows=64, columns=64, pixel_spacing=(5.0, 5.0), slice_spacing=10.0,
+                                      orientation=oblique_orientation(30.0)))
+    segmentation = BuiltinCTModel("cpu").predict(volume)
+    (image, *_) = build_secondary_captures(volume, segmentation_drawing(segmentation, volume, True),
+                                           series_number=9004, series_instance_uid="1.2.3.9",
+                                           model_name="builtin 1.1", **COMMON)
+    assert list(image.PatientOrientation) == ["LF", "P"]
+    image.save_as(tmp_path / "oblique.dcm", enforce_file_format=True)
+    assert dciodvfy(tmp_path / "oblique.dcm") == []

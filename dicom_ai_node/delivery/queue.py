@@ -333,8 +333,9 @@ class DeliveryQueue:
     def resend(self, study_instance_uid: str, destination: str) -> int:
         """Queue every finished result set of the study for `destination` again, even if delivered before.
 
-        Only result sets whose objects are still on file are queued; if the study's results were
-        purged, ResendRefused says so and what can be done instead (nothing is queued)."""
+        Only result sets whose objects are still on file, and that hold objects the destination receives (its
+        `outputs`), are queued; if there are none, ResendRefused says why and what can be done instead (nothing
+        is queued)."""
         with self.engine.begin() as connection:
             jobs = connection.execute(
                 select(Job.id)
@@ -349,6 +350,19 @@ class DeliveryQueue:
             ]
             if jobs and not with_results:
                 raise ResendRefused(self._nothing_on_file(connection, study_instance_uid, jobs))
+            outputs = self.outputs_of(destination)
+            kinds = [OUTPUT_KINDS[output] for output in outputs]
+            receivable = [
+                job_id for job_id in with_results
+                if connection.execute(select(exists().where(ResultObject.job_id == job_id,
+                                                            ResultObject.kind.in_(kinds)))).scalar()
+            ]
+            if with_results and not receivable:
+                raise ResendRefused(
+                    f"study {study_instance_uid}: {destination} receives {', '.join(outputs)} (its outputs), and "
+                    "none of the study's results is one of those (see: dicom-ai-node job show ID)"
+                )
+            with_results = receivable
             for job_id in with_results:
                 _queue(connection, job_id, destination)
             return len(with_results)

@@ -123,8 +123,9 @@ class DeliveryRunner:
         if isinstance(target, DeliveryOutcome):
             outcome = target
         elif not delivery.files:  # never report "delivered 0 object(s)": the result files are gone
-            outcome = DeliveryOutcome(False, True, "no result objects on file to send (purged, or kept by an earlier "
-                                                   "job with the same results)")
+            outcome = DeliveryOutcome(False, True, "no result objects on file to send: purged, kept by an earlier job "
+                                                   "with the same results, or none of the kinds in the destination's "
+                                                   "outputs (changed since the delivery was queued)")
         else:
             try:
                 outcome = make_sender(target.name, target.destination, self.config.node.ae_title).send(delivery.files)

@@ -70,7 +70,8 @@ class BuiltinLungNoduleModel:
         outside, _ = ndimage.label(~lungs, structure=_IN_PLANE)
         border = np.zeros_like(lungs)
         border[:, [0, -1], :] = border[:, :, [0, -1]] = True
-        filled = ~np.isin(outside, np.unique(outside[border]))
+        touching = np.unique(outside[border])
+        filled = ~np.isin(outside, touching[touching != 0])  # label 0 is the lung itself, not what lies outside it
         interior = ndimage.binary_erosion(filled, structure=_IN_PLANE)
         dense = filled & (volume.pixels > self.SOLID_MIN_HU)
         blobs, _ = ndimage.label(dense)

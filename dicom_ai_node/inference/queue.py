@@ -9,6 +9,7 @@ when they claim, so it is not taken (and its model not run) again before then.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +108,11 @@ class JobQueue:
         model_version: str,
         destinations: list[str],
         found: Found,
+        left_out: Sequence[str] = (),
     ) -> None:
         """Record the results and what the model found, and queue their deliveries in the same transaction: none
-        can be lost between.  A model that found nothing is done too ("no findings" in its event and job)."""
+        can be lost between.  A model that found nothing is done too ("no findings" in its event and job).
+        `left_out` says what could not be made or kept, one `job-incomplete` warning each."""
         with self.engine.begin() as connection:
             for result in results:
                 existing = connection.execute(
@@ -132,6 +135,15 @@ class JobQueue:
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )
+            for reason in left_out:
+                insert_event(
+                    connection,
+                    EventKind.JOB_INCOMPLETE,
+                    f"job {job.id} ({job.model}): {reason}",
+                    level=Level.WARNING,
+                    study_instance_uid=job.study_instance_uid,
+                    series_instance_uid=job.series_instance_uid,
+                )
 
     def fail(self, job: ClaimedJob, state: JobState, reason: str, times: StageTimes, device: str | None) -> None:
         with self.engine.begin() as connection:

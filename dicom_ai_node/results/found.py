@@ -15,8 +15,8 @@ def what_was_found(prediction: Segmentation | Detections | Classification, volum
     classification's answer (with its probability); 0 findings is "no findings", said as what is absent."""
     match prediction:
         case Segmentation():
-            drawn = [(segment, mask) for segment, mask in zip(prediction.segments, prediction.masks)
-                     if segment.in_seg]
+            segments = list(zip(prediction.segments, prediction.masks))
+            drawn = [(segment, mask) for segment, mask in segments if segment.in_seg] or segments  # or all context
             present = [(segment, np.count_nonzero(mask)) for segment, mask in drawn if mask.any()]
             if not present:
                 return Found(0, "no findings: " + ", ".join(f"{segment.type.meaning} absent" for segment, _ in drawn))

@@ -53,8 +53,8 @@ def segmentation_drawing(segmentation: Segmentation, volume: Volume, key_slices_
     """Every region of each segment the SEG holds, outlined on every slice it is on, or on the key slices only
     (what secondary captures show); context segments such as the whole body are not drawn, as in the SEG."""
     drawn = [(segment, mask) for segment, mask in zip(segmentation.segments, segmentation.masks) if segment.in_seg]
-    layers = [Layer(segment.label, segment.color_rgb,
-                    f"{segment.label} {np.count_nonzero(mask) * volume.voxel_volume_ml:.1f} mL") for segment, mask in drawn]
+    layers = [Layer(segment.label, segment.color_rgb, f"{segment.label} {volume_ml(mask, volume):.1f} mL")
+              for segment, mask in drawn]
     key_slices: list[int] = []
     for _, mask in drawn:
         section = largest_cross_section(mask)
@@ -66,6 +66,11 @@ def segmentation_drawing(segmentation: Segmentation, volume: Volume, key_slices_
         for k in slices:
             marks += [Mark(index, int(k), polyline) for polyline in region_outlines(mask[k], MIN_REGION_PIXELS)]
     return Drawing(layers, marks, key_slices)
+
+
+def volume_ml(mask: np.ndarray, volume: Volume) -> float:
+    """The volume of a mask on the volume's grid, in mL."""
+    return np.count_nonzero(mask) * volume.voxel_volume_ml
 
 
 def detections_drawing(detections: Detections, volume: Volume) -> Drawing:
@@ -81,10 +86,11 @@ def detections_drawing(detections: Detections, volume: Volume) -> Drawing:
                                 f"{detection.type.meaning}: {count} found"))
             names.append(detection.type.meaning)
         k, graphic_type, points = detection_region(volume, detection)
-        if graphic_type == "POINT":
+        if graphic_type == "POINT":  # a small square around it, within the image
             (column, row), half = points[0], 2.0
-            points = np.array([[column - half, row - half], [column + half, row - half], [column + half, row + half],
-                               [column - half, row + half], [column - half, row - half]])
+            c0, c1 = max(column - half, 0.0), min(column + half, float(volume.shape[2]))
+            r0, r1 = max(row - half, 0.0), min(row + half, float(volume.shape[1]))
+            points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
         marks.append(Mark(names.index(detection.type.meaning), k, points, f"{detection.label} {detection.score:.0%}"))
         if k not in key_slices:
             key_slices.append(k)
@@ -102,13 +108,33 @@ def detection_region(volume: Volume, detection: Detection) -> tuple[int, str, np
         voxels = (inverse @ np.c_[points_lps, np.ones(len(points_lps))].T)[:2].T
         return voxels + 0.5
 
+    centre = pixels(np.array([detection.centre_lps]))
     if detection.box_lps is None:
-        return k, "POINT", pixels(np.array([detection.centre_lps]))
+        return k, "POINT", centre
     low, high = detection.box_lps
     corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
-    projected = pixels(corners)
+    limits = np.array([volume.shape[2], volume.shape[1]], dtype=np.float64)  # (columns, rows): the image's far edge
+    projected = np.clip(pixels(corners), 0.0, limits)  # a box reaching past the image is drawn to its edge
     (c0, r0), (c1, r1) = projected.min(axis=0), projected.max(axis=0)
+    if c1 - c0 <= 0 or r1 - r0 <= 0:  # a box with no extent in this plane: its centre says as much
+        return k, "POINT", centre
     return k, "POLYLINE", np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
+
+
+def within_the_series(detections: Detections, volume: Volume) -> tuple[Detections, list[Detection]]:
+    """The findings whose centre lies in the volume, and those a model placed outside it (which no image can
+    show: a model's error, reported, not drawn)."""
+    inside, outside = [], []
+    for detection in detections.findings:
+        try:
+            volume.index_of(detection.centre_lps)
+        except IndexError:
+            outside.append(detection)
+        else:
+            inside.append(detection)
+    kept = Detections(inside, detections.target, detections.category, detections.algorithm_name,
+                      detections.algorithm_version)
+    return kept, outside
 
 
 def display_window(volume: Volume) -> tuple[float, float] | None:

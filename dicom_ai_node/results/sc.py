@@ -44,6 +44,7 @@ def build_secondary_captures(
         frame = volume.frames[k]
         source = next(s for s in volume.sources if s.SOPInstanceUID == frame.sop_instance_uid)
         scale = max(1, math.ceil(_MIN_WIDTH / volume.shape[2]))
+        orientation = _patient_orientation(volume)
         pixels = _render(volume, drawing, k, scale, f"{model_name} ({manufacturer} {software_version})")
         row_mm, column_mm = volume.spacing[1], volume.spacing[0]
         image = hd.sc.SCImage(
@@ -68,8 +69,9 @@ def build_secondary_captures(
             study_time=source.get("StudyTime"),
             referring_physician_name=source.get("ReferringPhysicianName"),
             pixel_spacing=(row_mm / scale, column_mm / scale),
-            patient_orientation=_patient_orientation(volume),
+            patient_orientation=(orientation[0][0], orientation[1][0]),  # highdicom takes one letter each
         )
+        image.PatientOrientation = list(orientation)
         copy_body_part(image, source)
         image.BurnedInAnnotation = "YES"
         image.SeriesDescription = f"{model_name} key images, not for diagnostic use"[:64]
@@ -94,7 +96,9 @@ def _render(volume: Volume, drawing: Drawing, k: int, scale: int, credit: str) -
         if mark.slice_index != k:
             continue
         colour = drawing.layers[mark.layer].colour
-        draw.line([(float(x) * scale, float(y) * scale) for x, y in mark.polyline], fill=colour, width=width)
+        # PIL draws at pixel indices: an edge between pixels n - 1 and n lies at n * scale - 0.5 once enlarged.
+        draw.line([(float(x) * scale - 0.5, float(y) * scale - 0.5) for x, y in mark.polyline], fill=colour,
+                  width=width)
         if mark.text:
             anchor = (float(mark.polyline[:, 0].max()) * scale + 4, float(mark.polyline[:, 1].min()) * scale)
             draw.text(anchor, mark.text, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))
@@ -122,14 +126,15 @@ def _window(volume: Volume) -> tuple[float, float]:
 
 
 def _patient_orientation(volume: Volume) -> tuple[str, str]:
-    """Patient Orientation (PS3.3 C.7.6.1.1.1): the patient direction along the rows and down the columns, by the
-    largest component of each direction cosine (L/R, P/A, H/F for LPS +x, +y, +z)."""
+    """Patient Orientation (PS3.3 C.7.6.1.1.1): the patient direction along the rows and down the columns, each
+    the letters (L/R, P/A, H/F for LPS +x, +y, +z) of the direction cosine's components, the largest first, those
+    under 0.25 left out: "L\\P" axial, "LF\\P" for a row tilted towards the feet."""
     letters = (("R", "L"), ("A", "P"), ("F", "H"))
     directions = []
     for axis in (0, 1):
         cosine = volume.affine[:3, axis] / np.linalg.norm(volume.affine[:3, axis])
-        largest = int(np.argmax(np.abs(cosine)))
-        directions.append(letters[largest][int(cosine[largest] > 0)])
+        order = sorted(range(3), key=lambda component: -abs(cosine[component]))
+        directions.append("".join(letters[c][int(cosine[c] > 0)] for c in order if abs(cosine[c]) >= 0.25))
     return directions[0], directions[1]
 
 

@@ -120,7 +120,8 @@ def build_sr(
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(measurements=measurements, **about))
     drawn = [(segment, mask) for segment, mask in zip(segmentation.segments, segmentation.masks) if segment.in_seg]
     if not any(mask.any() for _, mask in drawn):
-        groups += [_absent(segment.type, segment.category, algorithm, sop_instance_uid) for segment, _ in drawn]
+        groups += [_absent(segment.type, segment.category, algorithm, sop_instance_uid, segment.label)
+                   for segment, _ in drawn]
     header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
                      device_name, model_name)
     evidence = [] if seg_dataset is None else [seg_dataset]
@@ -151,7 +152,7 @@ def build_detection_sr(
         for number, detection in enumerate(detections.findings, start=1)
     ]
     if not detections.findings:
-        groups.append(_absent(detections.target, detections.category, algorithm, sop_instance_uid))
+        groups.append(_absent(detections.target, detections.category, algorithm, sop_instance_uid, "detections"))
     header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
                      device_name, model_name)
     return _report(volume, groups, [], f"{detections.algorithm_name} findings", header)
@@ -247,13 +248,17 @@ def _report(
 
 
 def _absent(
-    target: CodedConcept, category: CodedConcept, algorithm: hd.sr.AlgorithmIdentification, report_uid: str
+    target: CodedConcept,
+    category: CodedConcept,
+    algorithm: hd.sr.AlgorithmIdentification,
+    report_uid: str,
+    what: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """"No findings", said: a group (TID 1501) about what the model looks for, evaluated as absent (SCT 272519000),
     so a reader sees "Nodule: Absent" rather than an empty report they cannot tell from a failed one."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=name_uid("absent", report_uid, target.scheme, target.value), identifier=f"No {target.meaning}"[:64]
+            uid=name_uid("absent", report_uid, what), identifier=f"No {target.meaning}"[:64]
         ),
         finding_category=coded_concept(category),
         finding_type=coded_concept(target),
