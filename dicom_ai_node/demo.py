@@ -37,6 +37,7 @@ from sqlalchemy import Engine
 from dicom_ai_node.config import Config, load_config
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.phantoms import CTPhantom
+from dicom_ai_node.phantoms.ct import PhantomGeometry
 from dicom_ai_node.store import db, queries
 
 # dcmtk's sender; the venv's pynetdicom console script of the same name takes other options.
@@ -54,7 +55,7 @@ _ROUTED_STATES = {"routed", queries.PARTLY_DELIVERED, queries.DELIVERED}
 # Only what differs from the embedded defaults: a node of its own in the demo folder.
 _CONFIG = """\
 # dicom-ai-node demo node, written by `dicom-ai-node demo`.
-# The embedded defaults (SQLite, local storage, the built-in CT model), except: everything
+# The embedded defaults (SQLite, local storage, the built-in CT models), except: everything
 # lives in this folder, the node listens on loopback only, on a port that was free when
 # the demo started, and a series is complete after {stable} s of quiet instead of 60 s.
 
@@ -83,13 +84,35 @@ class SegmentVolume:
     expected_ml: float | None  # the phantom's analytic volume; None for a label it does not define
 
 
+# The demo's own models and route when no config is given: one built-in model per task.
+_MODELS_AND_ROUTE = """
+[models.ct-tissue]
+kind = "builtin"
+
+[models.ct-lung-nodules]
+kind = "builtin"
+model = "ct-lung-nodules"
+
+[models.ct-contrast]
+kind = "builtin"
+model = "ct-contrast"
+
+[[routes]]
+name = "ct"
+modality = "CT"
+min_slices = 3
+models = ["ct-tissue", "ct-lung-nodules", "ct-contrast"]
+"""
+
+
 @dataclass(frozen=True)
 class JobResult:
     job_id: int
     model: str
-    seg_path: Path
+    seg_path: Path | None  # a segmentation's SEG; None for a detector or a classifier
     sr_path: Path
-    segments: list[SegmentVolume]
+    segments: list[SegmentVolume]  # a segmentation's volumes, from the SR
+    summary: str  # what the model found, as the job records it
 
 
 @dataclass(frozen=True)
@@ -103,8 +126,13 @@ class DemoSummary:
     kept: bool
 
 
+# Two solid nodules in the demo phantom's lungs, for the nodule detector: (x, y, z, radius) in mm.
+DEMO_NODULES = ((-70.0, -5.0, 10.0, 6.0), (75.0, 10.0, -30.0, 4.0))
+
+
 def demo_phantom() -> CTPhantom:
-    """A chest-like CT: the 384 mm field of view holds the 320x220 mm body, the 300 mm scan the 160 mm lungs."""
+    """A chest-like CT: the 384 mm field of view holds the 320x220 mm body, the 300 mm scan the 160 mm lungs; two
+    nodules in the lungs and contrast in the aorta, for the demo detector and classifier."""
     return CTPhantom(
         slices=120,
         rows=256,
@@ -115,13 +143,16 @@ def demo_phantom() -> CTPhantom:
         patient_id="DEMO-001",
         patient_name="Demo^Phantom",
         accession_number="DEMO0001",
+        geometry=PhantomGeometry(nodules=DEMO_NODULES, contrast=True),
     )
 
 
 def write_demo_config(workdir: Path, base: Path | None) -> Config:
     """Write and load `workdir/config.toml`; with `base`, the demo runs that config's models and routes."""
     text = _CONFIG.format(port=_free_port(), stable=STABLE_SECONDS)
-    if base is not None:
+    if base is None:
+        text += _MODELS_AND_ROUTE
+    else:
         text += f"\n# The models and routes of {base.resolve()} (nothing else of it).\n"
         text += _models_and_routes(load_config(base))
     path = workdir / "config.toml"
@@ -130,13 +161,13 @@ def write_demo_config(workdir: Path, base: Path | None) -> Config:
 
 
 def run_demo(config_path: Path | None, workdir: Path | None, keep: bool, console: Console) -> DemoSummary:
-    """Start a demo node, send it a synthetic CT, wait for its SEG and SR, show what they say, stop it."""
+    """Start a demo node, send it a synthetic CT, wait for its results, show what they say, stop it."""
     workdir = _prepare_workdir(workdir)
     settings = write_demo_config(workdir, config_path)
     assert settings.source is not None  # load_config records the file it read
     console.print(
         f"dicom-ai-node demo in {workdir}: a synthetic CT goes over DICOM to a node of its own, "
-        "through the model, to a DICOM SEG and a TID 1500 SR.",
+        "through its models, to DICOM SEG and TID 1500 SR.",
         markup=False,
         highlight=False,
     )
@@ -262,9 +293,9 @@ def _tour(
             ", ".join(f"{job['model']} on {job['device']}, inference {job['inference_seconds']:.1f} s" for job in jobs)
         )
 
-        stages.begin("results", "Results", "reading the SEG and SR")
-        results = [_job_result(engine, settings, phantom, job) for job in jobs]
-        stages.end(f"{len(results)} SEG + SR stored")
+        stages.begin("results", "Results", "reading the results")
+        results = [_job_result(engine, settings, phantom, job) for job in sorted(jobs, key=lambda job: job["id"])]
+        stages.end(", ".join(f"{job.model}: {'SEG + SR' if job.seg_path else 'SR'}" for job in results))
     return results, stages.timings
 
 
@@ -292,14 +323,14 @@ def _job_result(engine: Engine, settings: Config, phantom: CTPhantom, job: dict[
     detail = queries.job_detail(engine, job["id"])
     results = detail["results"] if detail else []
     paths = {result["kind"]: settings.storage.path / result["file_path"] for result in results}
-    if "SEG" not in paths or "SR" not in paths:
-        raise NodeError(f"job {job['id']} is done but did not record a SEG and an SR")
+    if "SR" not in paths:
+        raise NodeError(f"job {job['id']} is done but did not record an SR")
     expected = phantom.geometry.analytic_volumes_ml(phantom.scan_length_mm)
     segments = [
         SegmentVolume(label, measured, expected.get(label.lower()))
         for label, measured in _sr_volumes(paths["SR"]).items()
     ]
-    return JobResult(job["id"], job["model"], paths["SEG"], paths["SR"], segments)
+    return JobResult(job["id"], job["model"], paths.get("SEG"), paths["SR"], segments, detail["summary"] or "")
 
 
 def _sr_volumes(path: Path) -> dict[str, float]:
@@ -414,22 +445,27 @@ def _print_summary(console: Console, summary: DemoSummary) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     for job in summary.jobs:
-        console.print(
-            f"\n{job.model} (job {job.job_id}): the volumes in its SR, next to the phantom's exact volumes",
-            markup=False,
-            highlight=False,
-        )
-        table = Table("Segment", "SR volume (mL)", "Phantom (mL)", "Difference", box=box.SIMPLE_HEAD, show_edge=False)
-        for segment in job.segments:
-            expected = segment.expected_ml
-            table.add_row(
-                Text(segment.label),
-                f"{segment.measured_ml:.1f}",
-                "-" if expected is None else f"{expected:.1f}",
-                "" if expected is None else f"{100 * (segment.measured_ml / expected - 1):+.1f} %",
+        if not job.segments:  # a detector or a classifier: what it found, as its job records it
+            console.print(f"\n{job.model} (job {job.job_id}): {job.summary}", markup=False, highlight=False)
+        else:
+            console.print(
+                f"\n{job.model} (job {job.job_id}): the volumes in its SR, next to the phantom's exact volumes",
+                markup=False,
+                highlight=False,
             )
-        console.print(table)
-        line(f"SEG {job.seg_path}")
+            table = Table("Segment", "SR volume (mL)", "Phantom (mL)", "Difference", box=box.SIMPLE_HEAD,
+                          show_edge=False)
+            for segment in job.segments:
+                expected = segment.expected_ml
+                table.add_row(
+                    Text(segment.label),
+                    f"{segment.measured_ml:.1f}",
+                    "-" if expected is None else f"{expected:.1f}",
+                    "" if expected is None else f"{100 * (segment.measured_ml / expected - 1):+.1f} %",
+                )
+            console.print(table)
+        if job.seg_path is not None:
+            line(f"SEG {job.seg_path}")
         line(f"SR  {job.sr_path}")
     times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.timings.items())
     console.print(f"\nStage times: {times}. The demo node is stopped.", highlight=False)
@@ -443,7 +479,7 @@ def _print_summary(console: Console, summary: DemoSummary) -> None:
     line(f"  {program} serve --config {config}   # runs the demo node again")
     console.print(
         f"\nThe demo folder {summary.workdir} is kept: phantom/ (the CT sent), storage/ (what the node stored, "
-        "with the SEG and SR), the SQLite database and node.log. Delete it when you are done.",
+        "with the results), the SQLite database and node.log. Delete it when you are done.",
         markup=False,
         highlight=False,
     )

@@ -36,11 +36,14 @@ def check_printout(output: str, workdir: Path) -> None:
     for label, measured, expected in rows:
         assert float(expected) == pytest.approx(analytic[label.lower()], abs=0.05), label
         assert float(measured) == pytest.approx(analytic[label.lower()], rel=0.05), label
-    paths = dict(re.findall(r"^(SEG|SR)\s+(\S+\.dcm)$", output, re.MULTILINE))
-    assert set(paths) == {"SEG", "SR"}, output
-    for kind, path in paths.items():
+    paths = re.findall(r"^(SEG|SR)\s+(\S+\.dcm)$", output, re.MULTILINE)
+    assert sorted(kind for kind, _ in paths) == ["SEG", "SR", "SR", "SR"], output  # one model per task
+    for kind, path in paths:
         assert Path(path).is_relative_to(workdir) and Path(path).is_file(), kind
         assert dciodvfy_errors(Path(path)) == [], kind
+    nodules = r"^ct-lung-nodules \(job \d+\): Nodule 1 \(\d+%\), Nodule 2 \(\d+%\)$"
+    assert re.search(nodules, output, re.MULTILINE), output
+    assert re.search(r"^ct-contrast \(job \d+\): Contrast agent: Present \(\d+%\)$", output, re.MULTILINE), output
     config = workdir / "config.toml"
     study_uid = re.search(r"dicom-ai-node series (\S+) --config", output)[1]
     for command in ("studies", f"series {study_uid}", "jobs", "job show 1", "events"):
@@ -76,8 +79,8 @@ def test_run_demo_without_dcmtk_sends_with_pynetdicom(tmp_path, monkeypatch):
     assert summary.workdir == workdir and summary.config_path == workdir / "config.toml"
     assert summary.log_path == workdir / "node.log" and summary.kept
     assert f"dicom-ai-node series {summary.study_uid} --config" in output.getvalue()
-    (job,) = summary.jobs
-    assert job.model == "ct-tissue"
+    assert sorted(job.model for job in summary.jobs) == ["ct-contrast", "ct-lung-nodules", "ct-tissue"]
+    (job,) = [job for job in summary.jobs if job.model == "ct-tissue"]
     assert [segment.label for segment in job.segments] == list(LABELS)
     for segment in job.segments:
         assert segment.expected_ml is not None
