@@ -21,23 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
 from dicom_ai_node import __version__
 from dicom_ai_node.config import OUTPUT_KINDS, Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
-from dicom_ai_node.inference.findings import Classification, Detections
 from dicom_ai_node.inference.model import Model, ModelUnavailable, Prediction, result_identity
 from dicom_ai_node.inference.registry import ModelRegistry
-from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
 from dicom_ai_node.logs import setup_logging
-from dicom_ai_node.results.seg import build_seg
-from dicom_ai_node.results.found import what_was_found
-from dicom_ai_node.results.gsps import build_gsps
-from dicom_ai_node.results.marks import detections_drawing, segmentation_drawing, within_the_series
-from dicom_ai_node.results.sc import build_secondary_captures
-from dicom_ai_node.results.sr import build_classification_sr, build_detection_sr, build_sr
+from dicom_ai_node.results.objects import Authorship, result_objects
 from dicom_ai_node.results.store import store_result
 from dicom_ai_node.results.uids import derive_uid
 from dicom_ai_node.store.db import make_engine
@@ -46,12 +37,6 @@ from dicom_ai_node.store.models import JobState
 from dicom_ai_node.values import Found, StageTimes, StoredResult
 
 log = logging.getLogger(__name__)
-
-MANUFACTURER = "dicom-ai-node"
-SEG_SERIES_NUMBER = 9001
-SR_SERIES_NUMBER = 9002
-GSPS_SERIES_NUMBER = 9003
-SC_SERIES_NUMBER = 9004
 
 
 class Worker:
@@ -132,89 +117,22 @@ class Worker:
     def _write_results(
         self, job: ClaimedJob, volume: Volume, prediction: Prediction, model: Model, destinations: list[str]
     ) -> tuple[list[StoredResult], Found, list[str]]:
-        """The result objects of what the model returned (a segmentation: SEG then SR; detections or a
-        classification: an SR), with UIDs derived from model and inputs: a re-run rewrites the same objects;
-        with what the model found, and what was left out and why.
-
-        A segmentation that found nothing gets no SEG (an empty overlay tells a reader nothing the SR does not)
-        unless the model's `seg_when_empty` asks for one; its SR says what is absent.  A finding placed outside
-        the series is left out.  A presentation state and secondary captures of the outlines and boxes are made
-        when a destination of the job asks for them (`outputs`) and there is something to draw; they are extras
-        for viewers without SEG, so one that cannot be made is left out, never the SEG and SR.
-        """
-        sources = [frame.sop_instance_uid for frame in volume.frames]
+        """Make the result objects of the prediction (results/objects.py) for what the job's destinations
+        receive, and store them; with what the model found, and what was left out and why."""
         settings = self.config.models[job.model]
         identity = result_identity(model, settings)
-
-        def uid(kind: str) -> str:
-            return derive_uid(kind, model.name, identity, sources)
-
-        software = f"{__version__} {model.name} {model.version}"
-        model_name = f"{model.name} {model.version}"
-        report = {
-            "series_number": SR_SERIES_NUMBER,
-            "series_instance_uid": uid("sr-series"),
-            "sop_instance_uid": uid("sr"),
-            "manufacturer": MANUFACTURER,
-            "software_version": software,
-            "device_name": MANUFACTURER,
-            "model_name": model_name,
-        }
-        wanted = {output for name in destinations for output in self.config.outputs_of(name)}
-        left_out: list[str] = []
-        if isinstance(prediction, Detections):
-            prediction, outside = within_the_series(prediction, volume)
-            left_out += [f"{finding.label} lies outside the series (centre {finding.centre_lps} mm): left out"
-                         for finding in outside]
-        found = what_was_found(prediction, volume)
-        objects: list[tuple[str, Dataset]] = []
-        drawing = None
-        match prediction:
-            case Segmentation():
-                seg = None
-                if (found.count or settings.seg_when_empty) and any(s.in_seg for s in prediction.segments):
-                    seg = build_seg(
-                        volume,
-                        prediction,
-                        series_number=SEG_SERIES_NUMBER,
-                        series_instance_uid=uid("seg-series"),
-                        sop_instance_uid=uid("seg"),
-                        manufacturer=MANUFACTURER,
-                        software_version=software,
-                        device_serial_number=self.config.node.ae_title,
-                        labelmap=settings.seg_type == "labelmap",
-                    )
-                    objects.append(("SEG", seg))
-                objects.append(("SR", build_sr(volume, prediction, seg, **report)))
-                if wanted & {"gsps", "sc"}:
-                    drawing = segmentation_drawing(prediction, volume, key_slices_only="gsps" not in wanted)
-            case Detections():
-                objects.append(("SR", build_detection_sr(volume, prediction, **report)))
-                if wanted & {"gsps", "sc"}:
-                    drawing = detections_drawing(prediction, volume)
-            case Classification():
-                objects.append(("SR", build_classification_sr(volume, prediction, **report)))
-        extras = {
-            "gsps": ("a presentation state", "PR", lambda: [build_gsps(
-                volume, drawing, series_number=GSPS_SERIES_NUMBER, series_instance_uid=uid("gsps-series"),
-                sop_instance_uid=uid("gsps"), manufacturer=MANUFACTURER, software_version=software,
-                device_serial_number=self.config.node.ae_title, model_name=model_name,
-            )]),
-            "sc": ("secondary captures", "SC", lambda: build_secondary_captures(
-                volume, drawing, series_number=SC_SERIES_NUMBER, series_instance_uid=uid("sc-series"),
-                manufacturer=MANUFACTURER, software_version=software, model_name=model_name,
-            )),
-        }
-        for output, (what, kind, build) in extras.items():
-            if output not in wanted or drawing is None or not drawing.marks:
-                continue
-            try:
-                objects += [(kind, dataset) for dataset in build()]
-            except Exception as exc:  # e.g. images a presentation state cannot cover (rescale differs per image)
-                log.exception("job %d (%s): %s not made", job.id, job.model, what)
-                left_out.append(f"{what} not made ({output} is in the outputs of a destination): "
-                                f"{type(exc).__name__}: {exc}")
-        return [store_result(self.store, kind, dataset) for kind, dataset in objects], found, left_out
+        sources = [frame.sop_instance_uid for frame in volume.frames]
+        authorship = Authorship(
+            uid=lambda kind: derive_uid(kind, model.name, identity, sources),
+            model_name=f"{model.name} {model.version}",
+            software_version=f"{__version__} {model.name} {model.version}",
+            device_serial_number=self.config.node.ae_title,
+        )
+        outputs = {output for name in destinations for output in self.config.outputs_of(name)}
+        made = result_objects(volume, prediction, authorship, outputs, labelmap=settings.seg_type == "labelmap",
+                              seg_when_empty=settings.seg_when_empty)
+        stored = [store_result(self.store, kind, dataset) for kind, dataset in made.objects]
+        return stored, made.found, made.left_out
 
     def run_forever(self, stop: threading.Event, parent_pid: int | None = None) -> None:
         """Work until `stop`, or until the parent node died (e.g. kill -9): an orphan must not keep working."""

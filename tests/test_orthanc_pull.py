@@ -192,7 +192,7 @@ def test_never_pulls_results_nor_series_no_route_wants(pacs, ingest, tmp_path):
 
 
 def test_node_manufacturer_is_what_the_worker_writes():
-    from dicom_ai_node.worker import MANUFACTURER
+    from dicom_ai_node.results.objects import MANUFACTURER
 
     assert NODE_MANUFACTURER == MANUFACTURER
 

@@ -43,8 +43,8 @@ from dicom_ai_node.values import Sender, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-# What the inference worker writes into its SEG and SR (dicom_ai_node.worker.MANUFACTURER, which
-# cannot be imported here: that module loads torch, and the receiving process must not).
+# What the node writes into its result objects (dicom_ai_node.results.objects.MANUFACTURER, which the
+# ingest stage does not import: results build on inference and highdicom, which the receiver must not load).
 NODE_MANUFACTURER = "dicom-ai-node"
 _SEG_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
