@@ -18,8 +18,8 @@ from pydicom.uid import UID
 from dicom_ai_node.inference.segmentation import CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import SourceFrame, Volume
 from dicom_ai_node.phantoms.ct import HU_BONE, CTPhantom
-from dicom_ai_node.results.seg import build_seg, segment_tracking_uid
 from dicom_ai_node.results.contours import largest_region
+from dicom_ai_node.results.seg import build_seg, segment_tracking_uid
 from dicom_ai_node.results.sr import OHIF_FREEHAND_OUTLINE, build_sr
 from dicom_ai_node.results.uids import derive_uid
 
