@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from ..inference.findings import Classification, Detection, Detections
 from ..inference.segmentation import CodedConcept, Segmentation
 from ..inference.volume import Volume
-from .contours import CrossSection, largest_cross_section, polygon_area
+from .contours import CrossSection, largest_cross_section
 from .marks import detection_region
 from .seg import coded_concept, seg_segment_numbers, segment_tracking_uid, with_patient_and_study
 from .uids import name_uid
@@ -327,7 +327,7 @@ def _outline_group(
     column_mm, row_mm, _ = volume.spacing
     area = hd.sr.Measurement(
         name=codes.SCT.Area,
-        value=polygon_area(section.outline) * column_mm * row_mm,
+        value=section.pixels * column_mm * row_mm,  # the outline encloses exactly these pixels
         unit=_SQUARE_MILLIMETRE,
         referenced_coordinates=[
             hd.sr.CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE, section.outline, source)
