@@ -603,7 +603,12 @@ class Config(_Section):
     database: DatabaseSection = DatabaseSection()
     series: SeriesSection = SeriesSection()
     peers: dict[str, Peer] = {}
-    models: dict[str, AnyModelConfig] = {"ct-tissue": BuiltinModelConfig()}
+    # The built-in models, one per task; only the tissue segmentation is routed by default.
+    models: dict[str, AnyModelConfig] = {
+        "ct-tissue": BuiltinModelConfig(),
+        "ct-lung-nodules": BuiltinModelConfig(model="ct-lung-nodules"),
+        "ct-contrast": BuiltinModelConfig(model="ct-contrast"),
+    }
     routes: list[RouteConfig] = [RouteConfig(name="ct", modality="CT", min_slices=3, models=["ct-tissue"])]
     workers: WorkersSection = WorkersSection()
     destinations: dict[str, AnyDestinationConfig] = {}
