@@ -40,11 +40,11 @@ def build_secondary_captures(
     """One Secondary Capture per key slice of `drawing`, in slice order, numbered 1, 2, ...; SOP Instance UIDs
     derived from the series UID and the source image, so a re-run writes the same objects."""
     images = []
+    scale = max(1, math.ceil(_MIN_WIDTH / volume.shape[2]))
+    orientation = _patient_orientation(volume)
     for number, k in enumerate(sorted(drawing.key_slices), start=1):
         frame = volume.frames[k]
         source = next(s for s in volume.sources if s.SOPInstanceUID == frame.sop_instance_uid)
-        scale = max(1, math.ceil(_MIN_WIDTH / volume.shape[2]))
-        orientation = _patient_orientation(volume)
         pixels = _render(volume, drawing, k, scale, f"{model_name} ({manufacturer} {software_version})")
         row_mm, column_mm = volume.spacing[1], volume.spacing[0]
         image = hd.sc.SCImage(
