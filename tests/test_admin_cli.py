@@ -245,8 +245,9 @@ def test_not_migrated_hint_names_the_config_and_nothing_is_created(tmp_path, dat
 def test_demo_look_further_commands_run_as_printed(admin):
     """The summary's commands pasted into a shell, as the demo prints them (a folder with a space included)."""
     output = io.StringIO()
-    summary = demo.DemoSummary(admin.workdir, admin.config_path, admin.workdir / "node.log", STUDY_A,
-                               [demo.JobResult(1, "ct-tissue", Path("seg.dcm"), Path("sr.dcm"), [])], {}, kept=True)
+    job = demo.JobResult(1, "ct-tissue", Path("seg.dcm"), Path("sr.dcm"), [], "Lungs 1.0 mL")
+    summary = demo.DemoSummary(admin.workdir, admin.config_path, admin.workdir / "node.log", STUDY_A, [job], {},
+                               kept=True)
     demo._print_summary(Console(file=output, width=80), summary)
     commands = [line.strip() for line in output.getvalue().splitlines() if "--config" in line]
     assert len(commands) == 6, output.getvalue()
