@@ -3,7 +3,7 @@ detector's findings, or a classifier's answer; a model that found nothing says s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import highdicom as hd
 import numpy as np
@@ -39,6 +39,19 @@ OHIF_FREEHAND_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 OHIF_RECTANGLE = "Cornerstone3DTools@^0.1.0:RectangleROI"
 OHIF_POINT = "Cornerstone3DTools@^0.1.0:Probe"
 
+class ReportHeader(TypedDict):
+    """What every report of the node says about itself and where it is filed: the keyword arguments every
+    `build_*_sr` takes."""
+
+    series_number: int
+    series_instance_uid: str
+    sop_instance_uid: str
+    manufacturer: str
+    software_version: str
+    device_name: str
+    model_name: str
+
+
 # CID 100 Quantitative Diagnostic Imaging Procedures.
 _PROCEDURE = {
     "CT": codes.cid100.CTUnspecifiedBodyRegion,
@@ -52,14 +65,7 @@ def build_sr(
     volume: Volume,
     segmentation: Segmentation,
     seg_dataset: Dataset | None,
-    *,
-    series_number: int,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    manufacturer: str,
-    software_version: str,
-    device_name: str,
-    model_name: str,
+    **header: Unpack[ReportHeader],
 ) -> hd.sr.Comprehensive3DSR:
     """A measurement report about each segment: its numbers, and where it is, drawn on its source image.
 
@@ -92,7 +98,7 @@ def build_sr(
     groups: list[hd.sr.ContentSequence] = []
     for segment, mask in zip(segmentation.segments, segmentation.masks):
         tracking_uid = segment_tracking_uid(seg_dataset.SOPInstanceUID if seg_dataset is not None
-                                            else sop_instance_uid, segment.number)
+                                            else header["sop_instance_uid"], segment.number)
         about = {
             "finding_category": coded_concept(segment.category),
             "finding_type": coded_concept(segment.type),
@@ -120,10 +126,8 @@ def build_sr(
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(measurements=measurements, **about))
     drawn = [(segment, mask) for segment, mask in zip(segmentation.segments, segmentation.masks) if segment.in_seg]
     if not any(mask.any() for _, mask in drawn):
-        groups += [_absent(segment.type, segment.category, algorithm, sop_instance_uid, segment.label)
+        groups += [_absent(segment.type, segment.category, algorithm, header["sop_instance_uid"], segment.label)
                    for segment, _ in drawn]
-    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
-                     device_name, model_name)
     evidence = [] if seg_dataset is None else [seg_dataset]
     return _report(volume, groups, evidence, f"{segmentation.algorithm_name} measurements", header)
 
@@ -131,14 +135,7 @@ def build_sr(
 def build_detection_sr(
     volume: Volume,
     detections: Detections,
-    *,
-    series_number: int,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    manufacturer: str,
-    software_version: str,
-    device_name: str,
-    model_name: str,
+    **header: Unpack[ReportHeader],
 ) -> hd.sr.Comprehensive3DSR:
     """A measurement report with one group (TID 1501) per finding: its type, and the model's certainty (DCM
     111012 "Certainty of Finding", in percent, as CAD reports give it) inferred from where it is on the source
@@ -148,27 +145,20 @@ def build_detection_sr(
     """
     algorithm = hd.sr.AlgorithmIdentification(name=detections.algorithm_name, version=detections.algorithm_version)
     groups: list[hd.sr.ContentSequence] = [
-        _detection_group(volume, detection, number, detections, algorithm, sop_instance_uid)
+        _detection_group(volume, detection, number, detections, algorithm, header["sop_instance_uid"])
         for number, detection in enumerate(detections.findings, start=1)
     ]
     if not detections.findings:
-        groups.append(_absent(detections.target, detections.category, algorithm, sop_instance_uid, "detections"))
-    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
-                     device_name, model_name)
+        groups.append(
+            _absent(detections.target, detections.category, algorithm, header["sop_instance_uid"], "detections")
+        )
     return _report(volume, groups, [], f"{detections.algorithm_name} findings", header)
 
 
 def build_classification_sr(
     volume: Volume,
     classification: Classification,
-    *,
-    series_number: int,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    manufacturer: str,
-    software_version: str,
-    device_name: str,
-    model_name: str,
+    **header: Unpack[ReportHeader],
 ) -> hd.sr.Comprehensive3DSR:
     """A measurement report with the model's answer about the series: a group (TID 1501) whose qualitative
     evaluation is the question and its most probable answer (e.g. "Contrast agent: Present"), with that answer's
@@ -179,7 +169,7 @@ def build_classification_sr(
     answer = classification.answer
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=name_uid("classification", sop_instance_uid), identifier=classification.name.meaning[:64]
+            uid=name_uid("classification", header["sop_instance_uid"]), identifier=classification.name.meaning[:64]
         ),
         finding_type=coded_concept(classification.name),
         algorithm_id=algorithm,
@@ -189,35 +179,24 @@ def build_classification_sr(
         measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=answer.probability,
                                         unit=codes.UCUM.NoUnits)],
     )
-    header = _Header(series_number, series_instance_uid, sop_instance_uid, manufacturer, software_version,
-                     device_name, model_name)
     return _report(volume, [group], [], f"{classification.algorithm_name} classification", header)
 
 
-@dataclass(frozen=True)
-class _Header:
-    """What every report of the node says about itself and where it is filed."""
-
-    series_number: int
-    series_instance_uid: str
-    sop_instance_uid: str
-    manufacturer: str
-    software_version: str
-    device_name: str
-    model_name: str
-
-
 def _report(
-    volume: Volume, groups: list[hd.sr.ContentSequence], evidence: list[Dataset], description: str, header: _Header
+    volume: Volume,
+    groups: list[hd.sr.ContentSequence],
+    evidence: list[Dataset],
+    description: str,
+    header: ReportHeader,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR around `groups`: this node running the model is the observing DEVICE; the report is
     complete but PRELIMINARY and UNVERIFIED (nobody has reviewed it); the source images (and `evidence`, e.g. the
     SEG) are its evidence."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=name_uid("device-observer", header.manufacturer, header.device_name, header.model_name),
-        name=header.device_name,
-        manufacturer_name=header.manufacturer,
-        model_name=header.model_name,
+        uid=name_uid("device-observer", header["manufacturer"], header["device_name"], header["model_name"]),
+        name=header["device_name"],
+        manufacturer_name=header["manufacturer"],
+        model_name=header["model_name"],
     )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -233,13 +212,13 @@ def _report(
     return hd.sr.Comprehensive3DSR(
         evidence=[with_patient_and_study(volume.sources[0]), *volume.sources[1:], *evidence],
         content=report,
-        series_instance_uid=header.series_instance_uid,
-        series_number=header.series_number,
-        sop_instance_uid=header.sop_instance_uid,
+        series_instance_uid=header["series_instance_uid"],
+        series_number=header["series_number"],
+        sop_instance_uid=header["sop_instance_uid"],
         instance_number=1,
-        manufacturer=header.manufacturer,
-        manufacturer_model_name=header.model_name,
-        software_versions=header.software_version,
+        manufacturer=header["manufacturer"],
+        manufacturer_model_name=header["model_name"],
+        software_versions=header["software_version"],
         series_description=description[:64],
         is_complete=True,
         is_final=False,
