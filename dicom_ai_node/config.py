@@ -262,13 +262,19 @@ class _ModelFromFile(ModelConfig):
     path: Path
     mixed_precision: bool = False
     labels: dict[str, str] = {}  # label name -> "SCT:code:meaning" (networks that do not name their channels)
-    # What the network returns: "segmentation" (a label per voxel: SEG and SR) or "classification" (one
-    # probability per class for the whole series: an SR with the answer).  Unset: a MONAI bundle's metadata says
-    # (network_data_format.outputs of type "probabilities" or format "classes" is a classification), else
-    # segmentation.  A classification's classes are its channels in order, each coded in `labels`.
-    output: Literal["segmentation", "classification"] | None = None
-    # What a classification is about, "SCHEME:code:meaning", e.g. "SCT:7140000:Contrast agent".
+    # What the network returns: "segmentation" (a label per voxel: SEG and SR), "classification" (one
+    # probability per class for the whole series: an SR with the answer) or "detection" (boxes or points with a
+    # class and a score each: an SR with one finding per box).  Unset: a MONAI bundle's metadata says
+    # (network_data_format.outputs of type "probabilities" or format "classes" is a classification, of type
+    # "object" a detection), else segmentation.  The classes of a classification or a detection are, in order,
+    # its channels or class indices (0, 1, ...), each coded in `labels`.
+    output: Literal["segmentation", "classification", "detection"] | None = None
+    # What a classification is about or a detection looks for, "SCHEME:code:meaning", e.g. "SCT:7140000:Contrast
+    # agent"; a detector of one class looks for that class unless this says otherwise.
     finding: str | None = None
+    # A detector's findings scored below this are left out of the report (detectors return many low-scored boxes
+    # for their evaluation, e.g. MONAI's lung nodule detector down to 0.02).
+    min_score: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("path")
     @classmethod

@@ -1,19 +1,24 @@
-"""Detection and classification results: the built-in demo models against phantoms with exact truth, and the SRs
-they become, validated by dciodvfy, read back by dcmqi and highdicom; a model that found nothing says so."""
+"""Detection and classification results: the built-in demo models against phantoms with exact truth, TorchScript
+files and MONAI bundles (a Model Zoo detection bundle against its own pipeline), and the SRs they become, validated
+by dciodvfy, read back by dcmqi and highdicom; a model that found nothing says so."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
+import nibabel
 import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import venv_tool
+from conftest import dciodvfy_errors, storescu, venv_tool
+from monai.bundle import ConfigParser
 from test_results import BONE, LUNGS, MODEL, MODEL_VERSION, dciodvfy, phantom_volume
 
 from dicom_ai_node.config import MonaiBundleConfig
@@ -230,7 +235,7 @@ def test_a_torchscript_classifier_answers_for_the_whole_series(contrast_volumes,
     path = tmp_path / "classifier.ts"
     torch.jit.script(_EnhancedFraction()).save(str(path))
     model = TorchScriptModel("contrast-ts", path, "cpu", None, (150.0, 300.0), (64, 64, 32), CONTRAST_LABELS,
-                             finding=CONTRAST_AGENT)
+                             output="classification", finding="SCT:7140000:Contrast agent")
     for contrast, volume in contrast_volumes.items():
         answer = model.predict(volume)
         assert answer.name == CONTRAST_AGENT and answer.algorithm_version == model.version
@@ -330,3 +335,261 @@ class _FixedTissue:
         return Segmentation(np.stack([~self.lungs, self.lungs, empty]), [replace(LUNGS, number=n, label=f"s{n}")
                                                                          for n in (1, 2, 3)], MODEL, MODEL_VERSION)
 
+
+
+# --- detection by a TorchScript file or a MONAI bundle ----------------------------------------------------------
+
+
+class _SaturatedBox(torch.nn.Module):
+    """A stand-in detector with no weights, so that where it says a finding is can be checked: the box around the
+    voxels its input window saturates (class 1, score 0.9), beside what a detector returns and the node must not
+    report: a box off the image (score 0.95) and a faint one (class 0, score 0.1)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bright = torch.nonzero(x[0, 0] > 0.5).float()
+        found = torch.cat([bright.min(dim=0).values, bright.max(dim=0).values])
+        off_image = torch.tensor([-50.0, -50.0, -50.0, -10.0, -10.0, -10.0])
+        faint = found + 2.0
+        return {"boxes": torch.stack([found, off_image, faint]), "scores": torch.tensor([0.9, 0.95, 0.1]),
+                "labels": torch.tensor([1, 1, 0])}
+
+
+MARKER_HU = 3000.0  # above any tissue of the phantom, so the stand-in detector sees the marker alone
+MARKER = (slice(25, 31), slice(70, 80), slice(90, 100))  # (k, j, i): 6 slices, 10 rows, 10 columns
+
+
+@pytest.fixture(scope="module")
+def marked() -> tuple:
+    """A CT phantom with a marker of known voxels, and the marker's first and last voxel centres in LPS."""
+    volume = phantom_volume(ct())
+    pixels = volume.pixels.copy()
+    pixels[MARKER] = MARKER_HU
+    low, high = ((volume.affine @ [i.start + end * (i.stop - i.start - 1), j.start + end * (j.stop - j.start - 1),
+                                   k.start + end * (k.stop - k.start - 1), 1.0])[:3]
+                 for k, j, i in [MARKER] for end in (0, 1))
+    return replace(volume, pixels=pixels), np.minimum(low, high), np.maximum(low, high)
+
+
+def test_a_torchscript_detector_finds_the_marker_within_one_voxel(marked, tmp_path):
+    """The box comes back from the network's resampled, reoriented grid to the patient within one voxel of that
+    grid; the box off the image is clipped away and the faint one left out (min_score)."""
+    volume, low, high = marked
+    path = tmp_path / "detector.ts"
+    torch.jit.script(_SaturatedBox()).save(str(path))
+    labels = {"lesion": "SCT:52988006:Lesion", "nodule": "SCT:27925004:Nodule"}
+    model = TorchScriptModel("marker-ts", path, "cpu", (3.0, 3.0, 3.0), (2000.0, 3000.0), (64, 64, 64), labels,
+                             output="detection", finding="SCT:27925004:Nodule", min_score=0.5)
+    found = model.predict(volume)
+    assert (found.target, found.algorithm_version) == (NODULE, model.version)
+    (finding,) = found.findings
+    assert (finding.label, finding.type, finding.score) == ("Nodule 1", NODULE, pytest.approx(0.9))
+    box_low, box_high = (np.array(corner) for corner in finding.box_lps)
+    assert np.all(np.abs(box_low - low) <= 3.0) and np.all(np.abs(box_high - high) <= 3.0), (finding, low, high)
+    assert np.allclose(finding.centre_lps, (box_low + box_high) / 2)
+    with pytest.raises(ModelUnavailable, match="models.marker-ts.finding"):  # two classes: which is looked for?
+        TorchScriptModel("marker-ts", path, "cpu", None, None, (64, 64, 64), labels, output="detection")
+
+
+# A bundle in the layout of the Model Zoo's lung_nodule_ct_detection: RetinaNet + RetinaNetDetector, detector_ops,
+# its own inferer in scripts/, boxes clipped and mapped to the world by its postprocessing.  The feature extractor
+# is the bundle's own small one (scripts/net.py): the Zoo's ResNet-FPN needs torchvision, which has no CPU build
+# for this torch; the weights are random (nothing is downloaded).
+_DETECTION_INFERENCE = {
+    "bundle_root": ".",
+    "device": "$torch.device('cpu')",
+    "spatial_dims": 3,
+    "num_classes": 1,
+    "size_divisible": [16, 16, 8],
+    "infer_patch_size": [64, 64, 32],
+    "anchor_generator": {"_target_": "monai.apps.detection.utils.anchor_utils.AnchorGeneratorWithAnchorShape",
+                         "feature_map_scales": [1, 2, 4], "base_anchor_shapes": [[6, 8, 4], [8, 6, 5], [10, 10, 6]]},
+    "feature_extractor": {"_target_": "scripts.net.SmallFeatures", "channels": 8},
+    "network_def": {"_target_": "RetinaNet", "spatial_dims": "@spatial_dims", "num_classes": "@num_classes",
+                    "num_anchors": 3, "feature_extractor": "@feature_extractor", "size_divisible": "@size_divisible",
+                    "use_list_output": False},
+    "network": "$@network_def.to(@device)",
+    "detector": {"_target_": "RetinaNetDetector", "network": "@network", "anchor_generator": "@anchor_generator",
+                 "debug": False, "spatial_dims": "@spatial_dims", "num_classes": "@num_classes",
+                 "size_divisible": "@size_divisible"},
+    "detector_ops": [
+        "$@detector.set_target_keys(box_key='box', label_key='label')",
+        "$@detector.set_box_selector_parameters(score_thresh=0.0,topk_candidates_per_level=100,nms_thresh=0.22,"
+        "detections_per_img=5)",
+        "$@detector.set_sliding_window_inferer(roi_size=@infer_patch_size,overlap=0.25,sw_batch_size=1,"
+        "mode='constant',device='cpu')",
+    ],
+    "preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [2.5, 2.5, 4.0]},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1024.0, "a_max": 300.0, "b_min": 0.0,
+         "b_max": 1.0, "clip": True},
+        {"_target_": "EnsureTyped", "keys": "image"},
+    ]},
+    "inferer": {"_target_": "scripts.detection_inferer.RetinaNetInferer", "detector": "@detector"},
+    "postprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "ClipBoxToImaged", "box_keys": "box", "label_keys": "label", "box_ref_image_keys": "image",
+         "remove_empty": True},
+        {"_target_": "AffineBoxToWorldCoordinated", "box_keys": "box", "box_ref_image_keys": "image",
+         "affine_lps_to_ras": True},
+        {"_target_": "ConvertBoxModed", "box_keys": "box", "src_mode": "xyzxyz", "dst_mode": "cccwhd"},
+    ]},
+}
+_SCRIPTS = {
+    "__init__.py": "",
+    "net.py": '''
+from collections import OrderedDict
+
+import torch
+
+
+class SmallFeatures(torch.nn.Module):
+    """Three feature maps at strides (2, 2, 1), (4, 4, 2) and (8, 8, 4), as RetinaNet's feature extractor gives."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.out_channels = channels
+        self.levels = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv3d(1 if n == 0 else channels, channels, 3, stride=stride, padding=1),
+                                torch.nn.ReLU())
+            for n, stride in enumerate([(2, 2, 1), 2, 2]))
+
+    def forward(self, x):
+        maps = OrderedDict()
+        for n, level in enumerate(self.levels):
+            x = maps[str(n)] = level(x)
+        return maps
+''',
+    "detection_inferer.py": '''
+from monai.inferers import Inferer
+
+
+class RetinaNetInferer(Inferer):
+    """Runs the bundle's RetinaNetDetector with the network it is given."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def __call__(self, inputs, network):
+        self.detector.network = network
+        self.detector.training = network.training
+        return self.detector(inputs, use_inferer=False)
+''',
+}
+
+
+def _forget_bundle_scripts() -> None:
+    for module in [name for name in sys.modules if name.partition(".")[0] == "scripts"]:
+        del sys.modules[module]
+
+
+@pytest.fixture
+def detection_bundle(tmp_path, monkeypatch) -> Path:
+    """The bundle, its random weights saved as models/model.pt; its `scripts` importable (as MONAI's own runner
+    makes them) for the reference run, and forgotten after."""
+    bundle = tmp_path / "nodule-detection"
+    for folder in ("configs", "models", "scripts"):
+        (bundle / folder).mkdir(parents=True)
+    for name, text in _SCRIPTS.items():
+        (bundle / "scripts" / name).write_text(text)
+    (bundle / "configs" / "inference.json").write_text(json.dumps(_DETECTION_INFERENCE, indent=1))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({
+        "version": "0.6.8",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT", "num_channels": 1}},
+            "outputs": {"pred": {"type": "object", "format": "dict", "num_channels": 1}},
+        },
+    }))
+    monkeypatch.syspath_prepend(str(bundle))
+    _forget_bundle_scripts()
+    parser = _bundle_parser(bundle)
+    torch.manual_seed(11)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    yield bundle
+    _forget_bundle_scripts()
+
+
+def _bundle_parser(bundle: Path) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_meta(bundle / "configs" / "metadata.json")
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["bundle_root"] = str(bundle)
+    return parser
+
+
+def _bundle_run_on_a_file(bundle: Path, volume, folder: Path) -> dict:
+    """What the bundle itself reports for the volume written as NIfTI: its preprocessing from the file, its
+    detector and inferer, its postprocessing (boxes in world coordinates, LPS, as centre and size)."""
+    nifti = folder / "volume.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume.pixels.transpose(2, 1, 0), np.asarray(volume.to_metatensor().affine)),
+                 nifti)
+    parser = _bundle_parser(bundle)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    network.eval()
+    parser.get_parsed_content("detector_ops")
+    data = parser.get_parsed_content("preprocessing")({"image": str(nifti)})
+    with torch.no_grad():
+        (pred,) = parser.get_parsed_content("inferer")(data["image"][None], network)
+    return parser.get_parsed_content("postprocessing")({**pred, "image": data["image"]})
+
+
+def test_a_zoo_detection_bundle_reports_what_its_own_pipeline_reports(detection_bundle, tmp_path):
+    """Metadata of type "object" makes the bundle a detector; its `scripts` package comes from the bundle; the node
+    runs it on the volume in memory and puts each box where the bundle's own run from a file does."""
+    volume = phantom_volume(ct(nodules=NODULES))
+    reference = _bundle_run_on_a_file(detection_bundle, volume, tmp_path)
+    _forget_bundle_scripts()  # the node imports the bundle's own scripts, not what the reference run left loaded
+    config = MonaiBundleConfig(path=detection_bundle, labels={"nodule": "SCT:27925004:Nodule"}, min_score=0.0)
+    model = MonaiBundleModel("nodules-bundle", config)
+    found = model.predict(volume)
+    assert model.output == "detection" and found.target == NODULE
+    assert len(found.findings) == len(reference["box"]) > 0
+    expected = sorted(zip(reference["label_scores"].tolist(), reference["box"].tolist()), reverse=True)
+    for finding, (score, (x, y, z, width, height, depth)) in zip(found.findings, expected):
+        low, high = (np.array(corner) for corner in finding.box_lps)
+        assert finding.score == pytest.approx(score, abs=1e-5)
+        assert np.allclose(finding.centre_lps, (x, y, z), atol=1e-2), (finding, (x, y, z))
+        assert np.allclose(high - low, (width, height, depth), atol=1e-2)
+    assert [finding.label for finding in found.findings][:2] == ["Nodule 1", "Nodule 2"]
+    strict = MonaiBundleModel("nodules-bundle", MonaiBundleConfig(path=detection_bundle,
+                                                                  labels={"nodule": "SCT:27925004:Nodule"}))
+    assert strict.predict(volume).findings == []  # random weights score ~0.02: below the default 0.5
+
+
+def test_each_bundle_runs_the_scripts_it_ships(detection_bundle, tmp_path):
+    """Two bundles that both ship a `scripts` package (every Zoo bundle with code does) each get their own, and
+    neither leaves it importable for the next."""
+    copy = shutil.copytree(detection_bundle, tmp_path / "copy")
+    _forget_bundle_scripts()
+    labels = {"nodule": "SCT:27925004:Nodule"}
+    models = [MonaiBundleModel(name, MonaiBundleConfig(path=path, labels=labels))
+              for name, path in (("first", detection_bundle), ("second", copy))]
+    for model in models:
+        shipped = Path(type(model.network.feature_extractor).forward.__code__.co_filename)
+        assert shipped == model.path / "scripts" / "net.py"
+    assert "scripts" not in sys.modules
+
+
+def test_a_zoo_detection_bundle_end_to_end(detection_bundle, node_factory, tmp_path):
+    """As an admin would set it up: the bundle in [models] with its one label coded, a route to it; a worker
+    process imports the bundle's scripts, and the job's SR reports each finding, valid for dciodvfy."""
+    node = node_factory(
+        workers={"processes": 1},
+        models={"nodules": {"kind": "monai_bundle", "path": str(detection_bundle), "min_score": 0.0,
+                            "labels": {"nodule": "SCT:27925004:Nodule"}}},
+        routes=[{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["nodules"]}],
+    )
+    node.start()
+    phantom = ct(nodules=NODULES)
+    assert storescu(node.port, *phantom.write(tmp_path / "ct")).returncode == 0
+    (job,) = node.wait_for(lambda: node.json("jobs", "--state", "done"), timeout=180, what="the detection job")
+    assert (job["model"], job["findings"]) == ("nodules", 5)  # the bundle's detections_per_img
+    (result,) = node.json("job", "show", str(job["id"]))["results"]
+    path = node.storage / result["file_path"]
+    assert result["kind"] == "SR" and dciodvfy_errors(path) == []
+    groups = _groups(path)
+    assert [group.finding_type.meaning for group in groups] == ["Nodule"] * 5
+    _tid1500reader(path)

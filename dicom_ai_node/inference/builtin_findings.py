@@ -20,12 +20,18 @@ import torch
 from scipy import ndimage
 
 from dicom_ai_node.inference.builtin import BuiltinCTModel
-from dicom_ai_node.inference.findings import Classification, ClassScore, Detection, Detections, Point
+from dicom_ai_node.inference.findings import (
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+    Classification,
+    ClassScore,
+    Detection,
+    Detections,
+    Point,
+)
 from dicom_ai_node.inference.segmentation import CodedConcept
 from dicom_ai_node.inference.volume import Volume
 
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 CONTRAST_AGENT = CodedConcept("7140000", "SCT", "Contrast agent")
 PRESENT = CodedConcept("52101004", "SCT", "Present")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")

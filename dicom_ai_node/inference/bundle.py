@@ -7,18 +7,26 @@ own preprocessing, network, inferer and postprocessing and removes only the file
 goes in as the MetaTensor LoadImaged + EnsureChannelFirstd would have made, Invertd (if the bundle
 has it) maps the prediction back through the recorded operations, and whatever is still off the
 source grid is resampled onto it with nearest neighbour. No temporary files are written.
+A classifier's probabilities and a detector's boxes are taken before the bundle's postprocessing,
+which would reduce the first to an argmax and only maps the second to world coordinates, done here.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from monai.apps.detection.transforms.box_ops import apply_affine_to_boxes
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.data.box_utils import clip_boxes_to_image
+from monai.data.utils import orientation_ras_lps
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     Compose,
@@ -33,12 +41,20 @@ from monai.transforms import (
 )
 
 from dicom_ai_node.config import MonaiBundleConfig
-from dicom_ai_node.inference.findings import Classification, ClassScore
+from dicom_ai_node.inference.findings import (
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+    Classification,
+    ClassScore,
+    Detection,
+    Detections,
+    Point,
+)
 from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
 from dicom_ai_node.inference.segmentation import PALETTE, CodedConcept, Segment, Segmentation
 from dicom_ai_node.inference.volume import Volume
 
 Axcodes = Literal["RAS", "LPS"]
+ModelOutput = Literal["segmentation", "classification", "detection"]
 
 ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical structure")
 # The volume arrives as a channel-first MetaTensor, so reading files and adding a channel are skipped;
@@ -94,20 +110,104 @@ def classification_of(
     return Classification(finding, scores, name, version)
 
 
-def classification_target(output: str | None, metadata: dict[str, Any], finding: str | None, model: str
-                          ) -> CodedConcept | None:
-    """What a classification model's answer is about, or None for a segmentation model: `output` if the node's
-    config sets it, else the bundle metadata's first output (type "probabilities" or format "classes")."""
-    if output is None:
-        described = next(iter(metadata.get("network_data_format", {}).get("outputs", {}).values()), {})
-        classifies = described.get("type") == "probabilities" or described.get("format") == "classes"
-        output = "classification" if classifies else "segmentation"
+def declared_output(output: ModelOutput | None, metadata: dict[str, Any]) -> ModelOutput:
+    """What the network returns: `output` if the node's config sets it, else what the bundle metadata's first output
+    says (type "probabilities" or format "classes": a classification; type "object": a detection), else a
+    segmentation."""
+    if output is not None:
+        return output
+    described = next(iter(metadata.get("network_data_format", {}).get("outputs", {}).values()), {})
+    if described.get("type") == "probabilities" or described.get("format") == "classes":
+        return "classification"
+    if described.get("type") == "object":  # MONAI's detection bundles: a dict of boxes, labels and scores
+        return "detection"
+    return "segmentation"
+
+
+def finding_of(output: ModelOutput, finding: str | None, segments: list[Segment], model: str) -> CodedConcept | None:
+    """What a classification is about or a detection looks for (None for a segmentation): `finding` from the node's
+    config, else, for a detector of one class, that class."""
     if output == "segmentation":
         return None
-    if finding is None:
-        raise ModelUnavailable(f"{model}: a classification needs models.{model}.finding, what it classifies, as "
-                               "SCHEME:code:meaning (e.g. SCT:7140000:Contrast agent)")
-    return parse_code(finding, f"models.{model}.finding")
+    if finding is not None:
+        return parse_code(finding, f"models.{model}.finding")
+    if output == "detection" and len(segments) == 1:
+        return segments[0].type
+    raise ModelUnavailable(f"{model}: a {output} needs models.{model}.finding, what it "
+                           f"{'classifies' if output == 'classification' else 'looks for'}, as SCHEME:code:meaning "
+                           "(e.g. SCT:7140000:Contrast agent or SCT:27925004:Nodule)")
+
+
+_BOX_KEYS = ("box", "boxes")  # MONAI's RetinaNetDetector (as its bundles set it) and torchvision's names
+_SCORE_KEYS = ("label_scores", "scores")
+_LABEL_KEYS = ("label", "labels")
+
+
+def _entry(output: Mapping[str, Any], keys: tuple[str, ...]) -> torch.Tensor | None:
+    """The first of `keys` that `output` has, as a tensor on the CPU, or None."""
+    key = next((key for key in keys if key in output), None)
+    return None if key is None else torch.as_tensor(output[key]).detach().cpu()
+
+
+def _point(values: torch.Tensor) -> Point:
+    x, y, z = map(float, values)
+    return x, y, z
+
+
+def detections_of(output: Any, image: MetaTensor, classes: list[Segment], target: CodedConcept, min_score: float,
+                  name: str, version: str) -> Detections:
+    """A detector's output for one series as Detections in patient coordinates.
+
+    `output` is a mapping (or a list of one, per batch item, as MONAI's RetinaNetDetector returns) of boxes, N x 6
+    in MONAI's xyzxyz order, or points, N x 3, in voxel coordinates of `image` (the network's input, whose affine
+    records every resampling and reorientation the preprocessing did), with one score each and, unless there is
+    one class, a class index each.  Boxes are clipped to the image and mapped to the world as MONAI's
+    ClipBoxToImaged and AffineBoxToWorldCoordinated do; findings scored below `min_score` are left out.
+    """
+    if isinstance(output, list | tuple):
+        if len(output) != 1:
+            raise ValueError(f"{name} returned {len(output)} results for one series")
+        output = output[0]
+    if not isinstance(output, Mapping):
+        raise ValueError(f"{name} returned a {type(output).__name__}, not a mapping of boxes, scores and labels")
+    boxes, scores = _entry(output, _BOX_KEYS), _entry(output, _SCORE_KEYS)
+    if boxes is None or scores is None:
+        raise ValueError(f"{name} returned {sorted(output)}: a detector returns boxes ({' or '.join(_BOX_KEYS)}) "
+                         f"and scores ({' or '.join(_SCORE_KEYS)})")
+    boxes, scores = boxes.double(), scores.double().reshape(-1)
+    labels = _entry(output, _LABEL_KEYS)
+    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels.long().reshape(-1)
+    if boxes.ndim != 2 or boxes.shape[1] not in (3, 6) or not len(boxes) == len(scores) == len(labels):
+        raise ValueError(f"{name} returned boxes {tuple(boxes.shape)}, scores {tuple(scores.shape)} and labels "
+                         f"{tuple(labels.shape)}: expected N x 6 boxes (or N x 3 points) and N of each")
+    if len(classes) > 1 and not any(key in output for key in _LABEL_KEYS):
+        raise ValueError(f"{name} has {len(classes)} classes but returned no labels")
+    unknown = labels[(labels < 0) | (labels >= len(classes))]
+    if len(unknown):
+        raise ValueError(f"{name} returned class {int(unknown[0])}; models.{name}.labels codes classes 0 to "
+                         f"{len(classes) - 1}")
+    world = torch.as_tensor(orientation_ras_lps(np.asarray(image.affine, dtype=np.float64)))  # MONAI's RAS -> LPS
+    spatial = tuple(image.shape[1:])
+    if boxes.shape[1] == 6:
+        boxes, keep = clip_boxes_to_image(boxes, spatial, remove_empty=True)
+        scores, labels = scores[keep], labels[keep]
+        places = [(_point((box[:3] + box[3:]) / 2), (_point(box[:3]), _point(box[3:])))
+                  for box in apply_affine_to_boxes(boxes, world)]
+    else:
+        keep = ((boxes >= 0) & (boxes <= torch.tensor(spatial, dtype=boxes.dtype))).all(dim=1)
+        scores, labels = scores[keep], labels[keep]
+        points = (world[:3, :3] @ boxes[keep].T + world[:3, 3:]).T
+        places = [(_point(point), None) for point in points]
+    findings, numbers = [], dict.fromkeys(range(len(classes)), 0)
+    for index in sorted(range(len(places)), key=lambda n: -float(scores[n])):
+        if float(scores[index]) < min_score:
+            continue
+        kind = classes[int(labels[index])]
+        numbers[int(labels[index])] += 1
+        centre, box = places[index]
+        findings.append(Detection(f"{kind.type.meaning} {numbers[int(labels[index])]}", kind.type,
+                                  float(scores[index]), centre, box))
+    return Detections(findings, target, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, name, version)
 
 
 def to_source_grid(labelmap: MetaTensor, source: MetaTensor) -> MetaTensor:
@@ -194,6 +294,26 @@ def _channel_names(metadata: dict[str, Any], codes: dict[str, str], background: 
     return list(range(first, len(codes) + first)), list(codes)
 
 
+@contextmanager
+def _own_code_first(bundle: Path) -> Iterator[None]:
+    """The bundle's root first on the import path while its config is parsed, so that `scripts.net.X` (or any
+    package the bundle ships) is its own; modules of those names are forgotten before and after, so that two bundles
+    that both ship a `scripts` package never import each other's."""
+    shipped = {path.stem for path in bundle.iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
+
+    def forget() -> None:
+        for module in [name for name in sys.modules if name.partition(".")[0] in shipped]:
+            del sys.modules[module]
+
+    forget()
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+        forget()
+
+
 class MonaiBundleModel:
     """A MONAI bundle directory in Model Zoo layout, loaded once and kept warm."""
 
@@ -202,19 +322,24 @@ class MonaiBundleModel:
         self.path = Path(config.path)
         self.device = resolve_device(config.device)
         self.amp = config.mixed_precision and self.device.type == "cuda"
+        self.min_score = config.min_score
         parser = read_bundle_config(self.path, self.device)
         metadata = parser.get("_meta_", {})
         self.version = str(metadata.get("version", "unknown"))
-        self.finding = classification_target(config.output, metadata, config.finding, name)
-        self.values, names = _channel_names(metadata, config.labels, background=self.finding is None)
+        self.output = declared_output(config.output, metadata)
+        self.values, names = _channel_names(metadata, config.labels, background=self.output == "segmentation")
         if not names:
             raise ModelUnavailable(f"{name}: bundle {self.path} names no output channels; set models.{name}.labels")
         self.segments = coded_segments(names, config.labels, name)
+        self.finding = finding_of(self.output, config.finding, self.segments, name)
         try:
-            self.preprocessing = in_memory_preprocessing(parser, config.orientation)
-            self.postprocessing = _in_memory_postprocessing(parser)
-            self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
-            self.network, weights = self._load_network(parser)
+            with _own_code_first(self.path):
+                self.preprocessing = in_memory_preprocessing(parser, config.orientation)
+                self.postprocessing = _in_memory_postprocessing(parser) if self.output == "segmentation" else None
+                self.network, weights = self._load_network(parser)
+                if "detector_ops" in parser:  # a detection bundle sets up its detector before the inferer wraps it
+                    parser.get_parsed_content("detector_ops")
+                self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
         except ModelUnavailable as exc:
             raise ModelUnavailable(f"{name}: bundle {self.path}: {exc}") from exc
         except Exception as exc:  # a bundle config can fail in any component's constructor
@@ -242,15 +367,17 @@ class MonaiBundleModel:
         network.to(self.device)
         return network.eval(), weights
 
-    def predict(self, volume: Volume) -> Segmentation | Classification:
-        """Segment the volume (the masks lie on exactly its grid), or classify it."""
+    def predict(self, volume: Volume) -> Segmentation | Classification | Detections:
+        """Segment the volume (the masks lie on exactly its grid), classify it, or find what it looks for."""
         source = volume.to_metatensor()
         # Bundle transforms are not ours to audit for in-place changes; the volume's pixels must stay intact.
         data = self.preprocessing({"image": source.clone()})
         image = data["image"]
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
             logits = self.inferer(image.as_tensor()[None].to(self.device), self.network)
-        if self.finding is not None:  # the bundle's postprocessing (argmax, thresholds) would lose the probabilities
+        if self.output == "detection":  # the bundle's postprocessing only clips and maps the boxes: done here
+            return detections_of(logits, image, self.segments, self.finding, self.min_score, self.name, self.version)
+        if self.output == "classification":  # the bundle's postprocessing (argmax, thresholds) would lose them
             return classification_of(torch.as_tensor(logits)[0], [segment.type for segment in self.segments],
                                      self.finding, self.name, self.version)
         data["pred"] = MetaTensor(torch.as_tensor(logits)[0].float(), meta=dict(image.meta))

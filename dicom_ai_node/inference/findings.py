@@ -13,6 +13,9 @@ from dicom_ai_node.inference.segmentation import CodedConcept
 
 Point = tuple[float, float, float]
 
+# The finding category (CID 7150) of what detectors find: lesions, nodules, masses.
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
+
 
 @dataclass(frozen=True)
 class Detection:

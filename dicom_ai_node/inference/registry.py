@@ -42,7 +42,6 @@ class ModelRegistry:
 
                 return MonaiBundleModel(name, config)
             case TorchScriptConfig():
-                from dicom_ai_node.inference.bundle import classification_target
                 from dicom_ai_node.inference.torchscript import TorchScriptModel
 
                 return TorchScriptModel(
@@ -55,6 +54,8 @@ class ModelRegistry:
                     config.labels,
                     orientation=config.orientation,
                     mixed_precision=config.mixed_precision,
-                    finding=classification_target(config.output, {}, config.finding, name),
+                    output=config.output or "segmentation",
+                    finding=config.finding,
+                    min_score=config.min_score,
                 )
         raise ModelUnavailable(f"{name}: no loader for {type(config).__name__}")

@@ -1,8 +1,9 @@
-"""A TorchScript segmentation or classification network with declared preprocessing.
+"""A TorchScript segmentation, classification or detection network with declared preprocessing.
 
 A TorchScript file carries the network but not how its inputs were prepared, so the node config
 declares it (orientation, target spacing, intensity window, patch size) and this class does it
-with MONAI transforms on the in-memory volume, then maps the argmax back onto the source grid.
+with MONAI transforms on the in-memory volume, then maps the argmax back onto the source grid,
+or the boxes a detector found back to patient coordinates.
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Orientation, Resize, ScaleIntensityRange, Spacing
 
-from dicom_ai_node.inference.bundle import Axcodes, classification_of, coded_segments, label_masks, to_source_grid
-from dicom_ai_node.inference.findings import Classification
+from dicom_ai_node.inference.bundle import (
+    Axcodes,
+    ModelOutput,
+    classification_of,
+    coded_segments,
+    detections_of,
+    finding_of,
+    label_masks,
+    to_source_grid,
+)
+from dicom_ai_node.inference.findings import Classification, Detections
 from dicom_ai_node.inference.model import ModelUnavailable, file_digest, resolve_device
-from dicom_ai_node.inference.segmentation import CodedConcept, Segmentation
+from dicom_ai_node.inference.segmentation import Segmentation
 from dicom_ai_node.inference.volume import Volume
 
 
 class TorchScriptModel:
-    """A TorchScript file whose output channel 0 is background and channel n the n-th entry of `labels`; or, as a
-    classifier (`finding`), whose output channel n is the probability (or logit) of the n-th entry of `labels`.
+    """A TorchScript file whose output channel 0 is background and channel n the n-th entry of `labels`; as a
+    classifier, whose output channel n is the probability (or logit) of the n-th entry of `labels`; as a detector,
+    that returns a mapping of "boxes" (N x 6, x0 y0 z0 x1 y1 z1, MONAI's xyzxyz) or points (N x 3) in voxel
+    coordinates of its input, their "scores" and, for more than one class, their "labels" (n for the n-th entry
+    of `labels`, from 0); MONAI's key names "box", "label_scores" and "label" are taken too.
 
     `labels` maps name -> "SCT:code:meaning"; `orientation` is the array orientation the network was
     trained on (arrays from NIfTI through MONAI's Orientationd are usually RAS).
@@ -40,10 +53,12 @@ class TorchScriptModel:
         labels: dict[str, str],
         orientation: Axcodes = "RAS",
         mixed_precision: bool = False,
-        finding: CodedConcept | None = None,
+        output: ModelOutput = "segmentation",
+        finding: str | None = None,
+        min_score: float = 0.5,
     ) -> None:
-        """`finding` makes it a classification of the whole volume about that finding (its channels are the
-        classes, in `labels` order; the volume is resized to `roi_size`), else it segments."""
+        """A classification is of the whole volume, resized to `roi_size`, about `finding`; a detection sees the
+        whole volume and reports what it finds scored at least `min_score`."""
         self.name = name
         self.path = Path(path)
         self.device = resolve_device(device)
@@ -56,14 +71,16 @@ class TorchScriptModel:
         # A TorchScript file has no version of its own; its content hash identifies it in SEG and SR.
         self.identity = self.version = file_digest(self.path)
         self.segments = coded_segments(list(labels), labels, name)
-        self.finding = finding
+        self.output = output
+        self.finding = finding_of(output, finding, self.segments, name)
+        self.min_score = min_score
         transforms = [Orientation(axcodes=orientation, labels=None)]
         if target_spacing is not None:
             transforms.append(Spacing(pixdim=target_spacing, mode="bilinear"))
         if intensity_window is not None:
             low, high = intensity_window
             transforms.append(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
-        if finding is not None:
+        if output == "classification":
             transforms.append(Resize(spatial_size=self.roi_size, mode="area"))
         self.preprocessing = Compose(transforms)
         try:
@@ -71,14 +88,17 @@ class TorchScriptModel:
         except (RuntimeError, ValueError) as exc:
             raise ModelUnavailable(f"{name}: {self.path} is not a loadable TorchScript file: {exc}") from exc
 
-    def predict(self, volume: Volume) -> Segmentation | Classification:
-        """Segment the volume (the masks lie on exactly its grid), or classify it."""
+    def predict(self, volume: Volume) -> Segmentation | Classification | Detections:
+        """Segment the volume (the masks lie on exactly its grid), classify it, or find what it looks for."""
         source = volume.to_metatensor()
         image = self.preprocessing(source.clone())
-        if self.finding is not None:
+        if self.output != "segmentation":
             with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.network(image.as_tensor()[None].to(self.device))
-            return classification_of(torch.as_tensor(logits)[0], [segment.type for segment in self.segments],
+                output = self.network(image.as_tensor()[None].to(self.device))
+            if self.output == "detection":
+                return detections_of(output, image, self.segments, self.finding, self.min_score, self.name,
+                                     self.version)
+            return classification_of(torch.as_tensor(output)[0], [segment.type for segment in self.segments],
                                      self.finding, self.name, self.version)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
             logits = sliding_window_inference(
