@@ -7,6 +7,7 @@ shows a traceback.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import time
@@ -26,7 +27,7 @@ from dicom_ai_node.config import CONFIG_ENV, Config, DimseDestination, MonaiBund
 from dicom_ai_node.errors import NodeError, StartupError
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
-from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState
+from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState, Priority
 
 # Help is plain text: Rich markup would eat `[peers]`, `[destinations]`, ..., and flags show no `<bool>`.
 _PLAIN_HELP = {"rich_markup_mode": None}
@@ -246,6 +247,12 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         ", ".join(f"{_state(state)} {count}" for state, count in jobs.items() if state != "oldest_queued_seconds")
         + waiting,
     )
+    for priority, waits in report["jobs_by_priority"].items():
+        if waits["queued"] or waits["started_last_hour"]:
+            oldest = f" (oldest {waits['oldest_queued_seconds']} s)" if waits["queued"] else ""
+            started = (f", {waits['started_last_hour']} started in the last hour after "
+                       f"{waits['mean_wait_seconds_last_hour']} s on average" if waits["started_last_hour"] else "")
+            table.add_row(f"  {priority}", f"{waits['queued']} queued{oldest}{started}")
     deliveries = report["deliveries"]
     stuck = deliveries["oldest_undelivered_seconds"]
     table.add_row(
@@ -461,6 +468,7 @@ def jobs(
             [
                 _text(f"J{row['id']}"),
                 _state_text(row["state"]),
+                _text(row["priority"], "bold red" if row["priority"] == Priority.STAT.label else ""),
                 _text(row["model"]),
                 _text(row["Modality"]),
                 _text(_seconds(row["load_seconds"])),
@@ -472,7 +480,7 @@ def jobs(
         )
         for row in rows
     ]
-    headers = ["ID", "State", "Model", "Mod", "Load s", "Infer s", "Write s"]
+    headers = ["ID", "State", "Priority", "Model", "Mod", "Load s", "Infer s", "Write s"]
     _print_with_uids(headers, listing, "Study / Series Instance UID, what was found or the error")
 
 
@@ -501,8 +509,8 @@ def job_show(
     # Labels of at most 13 characters and no outer padding: a 64-character UID fits whole in 80 columns.
     table = Table(Column(), Column(no_wrap=True), show_header=False, box=None, pad_edge=False)
     labels = {"StudyInstanceUID": "study UID", "SeriesInstanceUID": "series UID"}
-    for key in ("state", "model", "model_version", "device", "route", "StudyInstanceUID", "SeriesInstanceUID",
-                "summary", "attempts", "created_at", "started_at", "finished_at"):
+    for key in ("state", "priority", "model", "model_version", "device", "route", "StudyInstanceUID",
+                "SeriesInstanceUID", "summary", "attempts", "created_at", "started_at", "finished_at"):
         value = detail[key]
         table.add_row(labels.get(key, key), _state_text(value) if key == "state" else _text(value))
     for stage in ("load", "inference", "write"):
@@ -645,6 +653,30 @@ def _exists(engine, table: type[Job] | type[Delivery], row_id: int) -> bool:
 
     with engine.connect() as connection:
         return connection.execute(select(table.id).where(table.id == row_id)).first() is not None
+
+
+# The priorities by name, most urgent first, as the command line takes them.
+PriorityChoice = enum.StrEnum("PriorityChoice", [p.label for p in sorted(Priority, reverse=True)])
+
+
+@app.command()
+@_plain_errors
+def prioritize(
+    study: Annotated[str, typer.Argument(help="StudyInstanceUID, or a unique prefix of one.")],
+    priority: Annotated[PriorityChoice, typer.Option(help="How urgent.")] = PriorityChoice.stat,
+    config: ConfigOption = None,
+) -> None:
+    """Run a study's jobs (queued now, or queued later by series still to come) and send its results ahead of
+    less urgent work, whatever its route says; `--priority routine` puts it back in line."""
+    from dicom_ai_node.inference.queue import JobQueue
+
+    settings = load_config(config)
+    engine = _engine(settings)
+    uid = _study_uid(engine, study)
+    queued = JobQueue(engine, settings.storage.path).prioritize(uid, Priority[priority.name.upper()])
+    if queued is None:
+        raise NodeError(f"no study {uid} (see: dicom-ai-node studies)")
+    console.print(f"study {uid}: {priority}; {queued} queued job(s)", markup=False, highlight=False)
 
 
 @app.command()

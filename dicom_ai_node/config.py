@@ -322,6 +322,9 @@ class TorchScriptConfig(_ModelFromFile):
 AnyModelConfig = Annotated[BuiltinModelConfig | MonaiBundleConfig | TorchScriptConfig, Field(discriminator="kind")]
 
 
+PriorityName = Literal["stat", "high", "routine", "low"]  # store.models.Priority by name
+
+
 class RouteConfig(_Section):
     """Which series go to which models; routes are tried in order, the first match wins."""
 
@@ -334,6 +337,9 @@ class RouteConfig(_Section):
     min_slices: int = Field(1, ge=1)
     models: list[str] = Field(min_length=1)
     destinations: list[str] = []
+    # How urgent its jobs are (and their results' deliveries): workers take stat, then high, routine, low; the
+    # oldest first within each.  `dicom-ai-node prioritize STUDY` overrides it for one study.
+    priority: PriorityName = "routine"
 
     @field_validator("series_description")
     @classmethod

@@ -68,6 +68,7 @@ class EventKind(enum.StrEnum):
     JOB_SKIPPED = "job-skipped"
     JOB_WAITING = "job-waiting"  # results wait for disk space
     JOB_INCOMPLETE = "job-incomplete"  # done, but a result a destination asked for could not be made (the reason)
+    PRIORITIZED = "prioritized"  # an admin set a study's priority (`prioritize`)
 
     # Deliveries (one per state an attempt leaves, as `delivery-<state>`)
     DELIVERY_DELIVERED = "delivery-delivered"

@@ -104,6 +104,7 @@ class RouteDecision:
     models: tuple[str, ...]
     destinations: tuple[str, ...]
     reason: str
+    priority: str = "routine"  # the route's (config.PriorityName)
 
 
 # --- inference and results ------------------------------------------------------------------

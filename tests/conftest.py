@@ -206,6 +206,17 @@ def node_factory(tmp_path, database_url) -> Iterator:
 
 
 @pytest.fixture
+def engine(database_url) -> Iterator:
+    """An engine on the test's database, migrated to the current schema."""
+    from dicom_ai_node.store.db import make_engine, upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def node(node_factory) -> NodeProcess:
     started = node_factory()
     started.start()

@@ -21,7 +21,6 @@ from dicom_ai_node.config import DeliverySection, DicomwebDestination, DimseDest
 from dicom_ai_node.delivery.queue import DeliveryQueue, _queue
 from dicom_ai_node.delivery.senders import make_sender
 from dicom_ai_node.phantoms import CTPhantom
-from dicom_ai_node.store.db import make_engine, upgrade
 from dicom_ai_node.store.models import Delivery, Event, Instance, Job, Series, Study, utcnow
 from dicom_ai_node.values import DeliveryOutcome
 
@@ -84,14 +83,6 @@ def test_probe_tells_a_destination_that_answers_from_one_that_is_down(orthancs, 
 
 
 # --- the queue: a time window, not a number of attempts -------------------------------------------
-
-
-@pytest.fixture
-def engine(database_url):
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def _job_of_series(connection, study_uid: str, calling_ae_title: str) -> int:

@@ -136,14 +136,16 @@ class DeliveryQueue:
             ).rowcount
 
     def claim_due(self, limit: int) -> list[ClaimedDelivery]:
+        """Up to `limit` deliveries whose time has come, those of the most urgent jobs first."""
         now = utcnow()
         due = (
             select(Delivery.id)
+            .join(Job, Job.id == Delivery.job_id)
             .where(
                 Delivery.state.in_((DeliveryState.PENDING.value, DeliveryState.FAILED.value)),
                 Delivery.next_attempt_at <= now,
             )
-            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .order_by(Job.priority.desc(), Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
         )
         claimed = []

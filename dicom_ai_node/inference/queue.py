@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, or_, select, update
 from dicom_ai_node.delivery.queue import create_for_job
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import insert_event
-from dicom_ai_node.store.models import Instance, Job, JobState, ResultObject, Series, Study, utcnow
+from dicom_ai_node.store.models import Instance, Job, JobState, Priority, ResultObject, Series, Study, utcnow
 from dicom_ai_node.values import Found, StageTimes, StoredResult
 
 _jobs = Job.__table__
@@ -51,14 +51,15 @@ class JobQueue:
             ).rowcount
 
     def claim(self, worker: str, models: list[str], free_bytes: int | None = None) -> ClaimedJob | None:
-        """Take the oldest queued job; one waiting for disk space only if `free_bytes` is enough for it."""
+        """Take the most urgent queued job, the oldest of those; one waiting for disk space only if `free_bytes` is
+        enough for it.  So an urgent job waits at most for the jobs already running, however many are queued."""
         room = _jobs.c.needs_free_bytes.is_(None)
         if free_bytes is not None:
             room = or_(room, _jobs.c.needs_free_bytes <= free_bytes)
         next_job = (
             select(_jobs.c.id)
             .where(_jobs.c.state == JobState.QUEUED.value, _jobs.c.model.in_(models), room)
-            .order_by(_jobs.c.id)
+            .order_by(_jobs.c.priority.desc(), _jobs.c.id)
             .limit(1)
             .scalar_subquery()
         )
@@ -193,6 +194,26 @@ class JobQueue:
                     _jobs.c.state == JobState.QUEUED.value, _jobs.c.needs_free_bytes.is_not(None)
                 )
             ).scalar_one()
+
+    def prioritize(self, study_instance_uid: str, priority: Priority) -> int | None:
+        """Every job of the study, queued now or by a series that arrives later, runs at `priority`, whatever its
+        route says, and its results go out at it; returns how many of its jobs are queued, None if no such study."""
+        with self.engine.begin() as connection:
+            study_id = connection.execute(
+                select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+            ).scalar()
+            if study_id is None:
+                return None
+            connection.execute(update(Study).where(Study.id == study_id).values(priority=priority.value))
+            of_study = select(Series.id).where(Series.study_id == study_id)
+            connection.execute(update(_jobs).where(_jobs.c.series_id.in_(of_study)).values(priority=priority.value))
+            queued = connection.execute(
+                select(func.count()).where(_jobs.c.series_id.in_(of_study), _jobs.c.state == JobState.QUEUED.value)
+            ).scalar_one()
+            insert_event(connection, EventKind.PRIORITIZED,
+                         f"study set to {priority.label} by an admin: {queued} queued job(s) go ahead of less "
+                         "urgent ones, and its results' deliveries too", study_instance_uid=study_instance_uid)
+            return queued
 
     def cancel(self, job_id: int) -> str | None:
         """Cancel a queued (or failed) job; returns the state that prevented it, None on success."""

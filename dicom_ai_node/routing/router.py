@@ -14,7 +14,7 @@ from dicom_ai_node.config import RouteConfig
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.routing.rules import choose_route
 from dicom_ai_node.store.index import insert_event
-from dicom_ai_node.store.models import Instance, Job, JobState, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import Instance, Job, JobState, Priority, Series, SeriesState, Study, utcnow
 from dicom_ai_node.values import RouteDecision, SeriesFacts
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class Router:
             ).rowcount
             if not changed:
                 return False
+            study_priority = connection.execute(
+                select(Study.priority).join(Series, Series.study_id == Study.id).where(Series.id == series_id)
+            ).scalar()
+            priority = Priority[decision.priority.upper()] if study_priority is None else Priority(study_priority)
             for model in decision.models:
                 connection.execute(
                     _jobs.insert().values(
@@ -97,12 +101,14 @@ class Router:
                         model=model,
                         destinations=list(decision.destinations),
                         state=JobState.QUEUED.value,
+                        priority=priority.value,
                         attempts=0,
                         created_at=now,
                     )
                 )
+            urgency = "" if priority is Priority.ROUTINE else f" ({priority.label})"
             message = (
-                f"{decision.reason}: queued for {', '.join(decision.models)}"
+                f"{decision.reason}: queued for {', '.join(decision.models)}{urgency}"
                 if decision.models
                 else f"not routed: {decision.reason}"
             )

@@ -57,8 +57,7 @@ def choose_route(facts: SeriesFacts, routes: list[RouteConfig]) -> RouteDecision
     for route in routes:
         why = _mismatch(route, facts)
         if why is None:
-            return RouteDecision(
-                route.name, tuple(route.models), tuple(route.destinations), f"matched route {route.name!r}"
-            )
+            return RouteDecision(route.name, tuple(route.models), tuple(route.destinations),
+                                 f"matched route {route.name!r}", route.priority)
         mismatches.append(f"{route.name}: {why}")
     return RouteDecision(None, (), (), "no route matches (" + "; ".join(mismatches) + ")")

@@ -60,6 +60,21 @@ class JobState(str, enum.Enum):
     CANCELLED = "cancelled"  # by an admin (`cancel`); `retry` queues it again
 
 
+class Priority(enum.IntEnum):
+    """How urgent a job is, and the delivery of its results: workers take the most urgent queued job first, then
+    the oldest.  Named after DICOM's Requested Procedure Priority (0040,1003), whose STAT, HIGH, ROUTINE and LOW
+    radiology staff already use (its MEDIUM, between ROUTINE and LOW in no defined order, is left out)."""
+
+    LOW = 0
+    ROUTINE = 1
+    HIGH = 2
+    STAT = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"  # waiting for its first attempt
     SENDING = "sending"
@@ -87,6 +102,8 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(64))
     timezone_offset_from_utc: Mapped[str | None] = mapped_column(String(64))
     specific_character_set: Mapped[str | None] = mapped_column(String(256))
+    # Set by an admin (`prioritize`): the priority of this study's jobs, over their routes' (since 0010).
+    priority: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -214,6 +231,8 @@ class Job(Base):
     route: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    # A `Priority`: from the route, or the study's when an admin set one (since 0010).
+    priority: Mapped[int] = mapped_column(Integer, default=Priority.ROUTINE.value)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(64))

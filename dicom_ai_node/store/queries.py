@@ -36,6 +36,7 @@ from dicom_ai_node.store.models import (
     Instance,
     Job,
     JobState,
+    Priority,
     ResultObject,
     Series,
     SeriesState,
@@ -394,6 +395,7 @@ def node_status(engine: Engine) -> dict[str, Any]:
         ),
         "failures_last_24h": failures,
         "jobs": job_counts(engine),
+        "jobs_by_priority": job_waits(engine),
         "deliveries": delivery_counts(engine),
     }
 
@@ -402,6 +404,7 @@ def _job_row(row) -> dict[str, Any]:
     return {
         "id": row.id,
         "state": row.state,
+        "priority": Priority(row.priority).label,
         "model": row.model,
         "route": row.route,
         "StudyInstanceUID": row.study_instance_uid,
@@ -459,6 +462,36 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
         for r in results
     ]
     return detail
+
+
+def job_waits(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Per priority, most urgent first: how many jobs are queued and the longest any has waited; how many first
+    runs started in the last hour and how long they had waited, on average, from queued to running."""
+    now = utcnow()
+    with engine.connect() as connection:
+        queued = {
+            row.priority: row
+            for row in connection.execute(
+                select(Job.priority, func.count().label("count"), func.min(Job.created_at).label("oldest"))
+                .where(Job.state == JobState.QUEUED.value)
+                .group_by(Job.priority)
+            )
+        }
+        started = connection.execute(
+            select(Job.priority, Job.created_at, Job.started_at)
+            .where(Job.started_at >= now - dt.timedelta(hours=1), Job.attempts == 1)
+        ).all()
+    report = {}
+    for priority in sorted(Priority, reverse=True):
+        waits = [(row.started_at - row.created_at).total_seconds() for row in started if row.priority == priority]
+        waiting = queued.get(priority.value)
+        report[priority.label] = {
+            "queued": waiting.count if waiting else 0,
+            "oldest_queued_seconds": round((now - waiting.oldest).total_seconds()) if waiting else None,
+            "started_last_hour": len(waits),
+            "mean_wait_seconds_last_hour": round(sum(waits) / len(waits), 1) if waits else None,
+        }
+    return report
 
 
 def job_counts(engine: Engine) -> dict[str, int]:

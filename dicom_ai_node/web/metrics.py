@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
 from dicom_ai_node.store.models import Delivery, DeliveryState, Instance, Job, JobState, Series, SeriesState
+from dicom_ai_node.store.queries import job_waits
 from dicom_ai_node.values import Sender
 
 _WAITING = (DeliveryState.PENDING.value, DeliveryState.FAILED.value)
@@ -97,6 +98,7 @@ class DatabaseCollector(Collector):
                 ).group_by(Delivery.destination)
             ).all()
             histograms = {stage: connection.execute(_histogram_query(column)).all() for stage, column in _stages()}
+        waiting = job_waits(self.engine)
 
         instances = GaugeMetricFamily(
             "dicom_ai_node_instances_stored", "Instances stored, by calling AE title (or web client) and way in",
@@ -124,6 +126,15 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily(
             "dicom_ai_node_job_queue_depth", "Jobs waiting for a worker", value=jobs.get(JobState.QUEUED.value, 0)
         )
+        depth = GaugeMetricFamily("dicom_ai_node_jobs_queued", "Jobs waiting for a worker, by priority",
+                                  labels=["priority"])
+        oldest = GaugeMetricFamily("dicom_ai_node_job_oldest_wait_seconds",
+                                   "How long the oldest queued job of each priority has waited", labels=["priority"])
+        for priority, waits in waiting.items():
+            depth.add_metric([priority], waits["queued"])
+            oldest.add_metric([priority], waits["oldest_queued_seconds"] or 0)
+        yield depth
+        yield oldest
 
         attempts = GaugeMetricFamily(
             "dicom_ai_node_delivery_attempts", "Send attempts of current deliveries, by destination",
