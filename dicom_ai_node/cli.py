@@ -27,7 +27,7 @@ from dicom_ai_node.config import CONFIG_ENV, Config, DimseDestination, MonaiBund
 from dicom_ai_node.errors import NodeError, StartupError
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
-from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState, Priority
+from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState, Notification, Priority
 
 # Help is plain text: Rich markup would eat `[peers]`, `[destinations]`, ..., and flags show no `<bool>`.
 _PLAIN_HELP = {"rich_markup_mode": None}
@@ -260,6 +260,11 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         ", ".join(f"{_state(k)} {v}" for k, v in deliveries.items() if k != "oldest_undelivered_seconds")
         + (f", oldest undelivered {stuck} s" if stuck is not None else ""),
     )
+    called = {state: count for state, count in report["notifications"].items() if count}
+    if called:
+        failing = called.get(DeliveryState.FAILED.value, 0) + called.get(DeliveryState.DEAD.value, 0)
+        line = ", ".join(f"{_state(state)} {count}" for state, count in called.items())
+        table.add_row("webhook calls", line + (" (see: dicom-ai-node notifications)" if failing else ""))
     if refused:
         table.add_row("refused", f"[yellow]{refused} refused instance(s) waiting to be re-sent[/] "
                                  f"({refused_series} series; see: dicom-ai-node series STUDY_UID)")
@@ -591,49 +596,92 @@ def deliveries(
         return
     listing = []
     for row in rows:
-        notes = [_text(row["last_error"], "red")] if row["last_error"] else []
-        if row["next_attempt_at"] and row["state"] == "failed":
-            notes.append(_text(f"next attempt {row['next_attempt_at']}", "dim"))
         cells = [
             _text(f"D{row['id']}"), _state_text(row["state"]), _text(row["destination"]), _text(f"J{row['job_id']}"),
             _text(row["attempts"]), _text(row["remote_status"]),
         ]
-        listing.append((cells, [("study", row["StudyInstanceUID"])], notes))
+        listing.append((cells, [("study", row["StudyInstanceUID"])], _attempt_notes(row)))
     headers = ["ID", "State", "Destination", "Job", "Tries", "Remote"]
     _print_with_uids(headers, listing, "Study Instance UID / last error")
 
 
+@app.command()
+@_plain_errors
+def notifications(
+    config: ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="Newest N calls.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Webhook calls ([webhooks], routes' `notify`): event, attempts, last error."""
+    rows = queries.list_notifications(_engine(load_config(config)), limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no webhook calls")
+        return
+    listing = []
+    for row in rows:
+        cells = [_text(f"N{row['id']}"), _state_text(row["state"]), _text(row["webhook"]), _text(row["event"]),
+                 _text(f"J{row['job_id']}"), _text(row["attempts"])]
+        listing.append((cells, [("study", row["StudyInstanceUID"])], _attempt_notes(row)))
+    _print_with_uids(["ID", "State", "Webhook", "Event", "Job", "Tries"], listing, "Study Instance UID / last error")
+
+
+def _attempt_notes(row: dict[str, Any]) -> list[Text]:
+    """Under a delivery or webhook call: its last error, and when it is tried next."""
+    notes = [_text(row["last_error"], "red")] if row["last_error"] else []
+    if row["next_attempt_at"] and row["state"] == "failed":
+        notes.append(_text(f"next attempt {row['next_attempt_at']}", "dim"))
+    return notes
+
+
+_ID_KINDS = {"J": "job", "D": "delivery", "N": "notification"}
+
+
 def _parse_id(text: str) -> tuple[str, int]:
-    """`J12` is job 12, `D7` is delivery 7 (as the listings show them)."""
+    """`J12` is job 12, `D7` is delivery 7, `N3` is webhook call 3 (as the listings show them)."""
     kind, number = text[:1].upper(), text[1:]
-    if kind not in ("J", "D") or not number.isdigit():
-        raise NodeError(f"{text!r}: give a job as J<id> or a delivery as D<id> (see: jobs, deliveries)")
-    return ("job" if kind == "J" else "delivery"), int(number)
+    if kind not in _ID_KINDS or not number.isdigit():
+        raise NodeError(f"{text!r}: give a job as J<id>, a delivery as D<id> or a webhook call as N<id> "
+                        "(see: jobs, deliveries, notifications)")
+    return _ID_KINDS[kind], int(number)
 
 
 @app.command()
 @_plain_errors
 def retry(
-    target: Annotated[str | None, typer.Argument(help="J<id> (a job) or D<id> (a delivery).")] = None,
-    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed job and failed or dead delivery.")] = False,
+    target: Annotated[str | None, typer.Argument(help="J<id> (a job), D<id> (a delivery), N<id> (a webhook call).")
+                      ] = None,
+    all_failed: Annotated[bool, typer.Option(
+        "--all-failed", help="Every failed job, and failed or dead delivery and webhook call.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Run a failed job again, or send a failed or dead delivery again now."""
+    """Run a failed job again, or send a failed or dead delivery (or webhook call) again now."""
     from dicom_ai_node.delivery.queue import DeliveryQueue
     from dicom_ai_node.inference.queue import JobQueue
+    from dicom_ai_node.notify.queue import NotificationQueue
 
     settings = load_config(config)
     engine = _engine(settings)
     jobs_queue = JobQueue(engine, settings.storage.path)
     delivery_queue = DeliveryQueue(engine, settings.storage.path, settings.delivery, settings.outputs_of)
+    calls = NotificationQueue(engine, settings.delivery, settings.node.ae_title)
     if all_failed:
-        jobs_n, deliveries_n = jobs_queue.retry(), delivery_queue.retry_all_failed()
-        console.print(f"queued again: {jobs_n} failed job(s), {deliveries_n} failed or dead delivery(ies)")
+        jobs_n, deliveries_n, calls_n = jobs_queue.retry(), delivery_queue.retry_all_failed(), calls.retry()
+        console.print(f"queued again: {jobs_n} failed job(s), {deliveries_n} failed or dead delivery(ies), "
+                      f"{calls_n} failed or dead webhook call(s)")
         return
     if target is None:
-        raise NodeError("say what to retry: J<id>, D<id> or --all-failed")
+        raise NodeError("say what to retry: J<id>, D<id>, N<id> or --all-failed")
     kind, number = _parse_id(target)
-    if kind == "job":
+    if kind == "notification":
+        if not calls.retry(number):
+            if not _exists(engine, Notification, number):
+                raise NodeError(f"no webhook call {number} (see: dicom-ai-node notifications)")
+            raise NodeError(f"webhook call {number} is not failed or dead (see: dicom-ai-node notifications)")
+        console.print(f"webhook call {number} will be made again now")
+    elif kind == "job":
         if not jobs_queue.retry(number):
             if not _exists(engine, Job, number):
                 raise NodeError(f"no job {number} (see: dicom-ai-node jobs)")
@@ -647,8 +695,8 @@ def retry(
         console.print(f"delivery {number} will be sent again now")
 
 
-def _exists(engine, table: type[Job] | type[Delivery], row_id: int) -> bool:
-    """Tells "there is no such job/delivery" apart from "it is in a state that cannot be retried"."""
+def _exists(engine, table: type[Job] | type[Delivery] | type[Notification], row_id: int) -> bool:
+    """Tells "there is no such job/delivery/call" apart from "it is in a state that cannot be retried"."""
     from sqlalchemy import select
 
     with engine.connect() as connection:

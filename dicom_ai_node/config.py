@@ -340,6 +340,7 @@ class RouteConfig(_Section):
     # How urgent its jobs are (and their results' deliveries): workers take stat, then high, routine, low; the
     # oldest first within each.  `dicom-ai-node prioritize STUDY` overrides it for one study.
     priority: PriorityName = "routine"
+    notify: list[str] = []  # names in [webhooks], told when results are delivered or a job fails
 
     @field_validator("series_description")
     @classmethod
@@ -441,6 +442,25 @@ def destination_from(data: dict[str, Any]) -> AnyDestinationConfig:
     """The destination of the class `data["kind"]` names, as a [destinations] table of the config file
     builds it (without the config file's folder: relative paths stay as given)."""
     return _ANY_DESTINATION.validate_python(data)
+
+
+WebhookEvent = Literal["delivered", "failed"]
+
+
+class WebhookConfig(_Section):
+    """An HTTP(S) endpoint told about a route's results in JSON (a RIS, a worklist, a chat bridge): "delivered" once
+    every delivery of a job's results is delivered (or the job had none to make), "failed" when a job fails or is
+    skipped, or a delivery of its results is dead.  Every call is signed with HMAC-SHA256 under the secret in the
+    environment variable `secret_env`, so the receiver can tell the node's calls from anyone's; calls are retried
+    like deliveries ([delivery] backoff and give-up window)."""
+
+    url: HttpUrl
+    secret_env: str
+    on: list[WebhookEvent] = Field(default_factory=lambda: ["delivered", "failed"], min_length=1)
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # The payload names the study by its UIDs and AccessionNumber; PatientID only when this is true, for a
+    # receiver allowed to hold it (a chat channel is not).
+    include_patient_id: bool = False
 
 
 class SourceConfig(_Section):
@@ -624,6 +644,7 @@ class Config(_Section):
     routes: list[RouteConfig] = [RouteConfig(name="ct", modality="CT", min_slices=3, models=["ct-tissue"])]
     workers: WorkersSection = WorkersSection()
     destinations: dict[str, AnyDestinationConfig] = {}
+    webhooks: dict[str, WebhookConfig] = {}
     sources: dict[str, SourceConfig] = {}
     delivery: DeliverySection = DeliverySection()
     logging: LoggingSection = LoggingSection()
@@ -633,7 +654,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _names(self) -> Config:
         tables = (("peers", self.peers), ("models", self.models), ("destinations", self.destinations),
-                  ("sources", self.sources))
+                  ("webhooks", self.webhooks), ("sources", self.sources))
         for table, names in tables:
             for name in names:
                 if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -653,6 +674,11 @@ class Config(_Section):
                         f"routes.{index}.destinations: no destination named {destination!r} in [destinations] "
                         f"(known: origin, {known})"
                     )
+            for webhook in route.notify:
+                if webhook not in self.webhooks:
+                    known = ", ".join(sorted(self.webhooks)) or "none"
+                    raise ValueError(f"routes.{index}.notify: no webhook named {webhook!r} in [webhooks] "
+                                     f"(known: {known})")
         return self
 
     def outputs_of(self, destination: str) -> tuple[str, ...]:

@@ -76,6 +76,11 @@ class EventKind(enum.StrEnum):
     DELIVERY_DEAD = "delivery-dead"
     DELIVERY_RESUMED = "delivery-resumed"  # the destination answers again: waiting deliveries go now
 
+    # Webhook calls ([webhooks], routes' `notify`)
+    NOTIFICATION_SENT = "notification-sent"
+    NOTIFICATION_FAILED = "notification-failed"  # retried with backoff
+    NOTIFICATION_DEAD = "notification-dead"  # refused, or still failing after delivery.give_up_after_hours
+
     # Start-up repair and retention
     START_UP_CHECK = "start-up-check"
     INSTANCE_LOST = "instance-lost"  # a row whose file was never completed, removed at start-up

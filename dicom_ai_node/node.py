@@ -19,6 +19,8 @@ from dicom_ai_node.inference.queue import JobQueue
 from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
 from dicom_ai_node.ingest.receive import Receiver
 from dicom_ai_node.ingest.scp import StorageSCP
+from dicom_ai_node.notify.queue import NotificationQueue
+from dicom_ai_node.notify.runner import NotificationRunner
 from dicom_ai_node.routing.router import Router
 from dicom_ai_node.series.completion import SeriesCompletion
 from dicom_ai_node.store.backfill import backfill_query_attributes
@@ -48,6 +50,9 @@ class Node:
         self.queue = JobQueue(self.engine, config.storage.path)
         self.deliveries = DeliveryQueue(self.engine, config.storage.path, config.delivery, config.outputs_of)
         self.delivery = DeliveryRunner(config, self.deliveries)
+        patient_id_for = {name for name, webhook in config.webhooks.items() if webhook.include_patient_id}
+        self.notifications = NotificationQueue(self.engine, config.delivery, config.node.ae_title, patient_id_for)
+        self.notifier = NotificationRunner(config, self.notifications)
         self.scp = StorageSCP(config, self.index, self.store)
         self.web = WebServer(config, self.engine, self.index, self.store, self.scp.admission.counts)
         self.pullers = [
@@ -98,6 +103,8 @@ class Node:
             resent = self.deliveries.requeue_interrupted()
             if resent:
                 log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
+            if called := self.notifications.requeue_interrupted():
+                log.warning("%d webhook call(s) interrupted by the last shutdown will be made again", called)
             self._hold_interrupted_series()
             self.advance()  # series a previous run left complete but not yet routed
             self.scp.start()
@@ -110,6 +117,8 @@ class Node:
                 puller.start()
             self.delivery.start()
             started.append(self.delivery.stop)
+            self.notifier.start()
+            started.append(self.notifier.stop)
             self._stages.start()
         except BaseException as exc:
             self._stop_after_failed_start(started)
@@ -207,6 +216,7 @@ class Node:
         for process in self._workers:
             process.terminate()  # a worker finishes its current job, then exits
         self.delivery.stop(deadline)
+        self.notifier.stop(deadline)
         self.scp.drain(deadline)
         for process in self._workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))

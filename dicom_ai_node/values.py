@@ -105,6 +105,7 @@ class RouteDecision:
     destinations: tuple[str, ...]
     reason: str
     priority: str = "routine"  # the route's (config.PriorityName)
+    notify: tuple[str, ...] = ()  # the webhooks the route notifies
 
 
 # --- inference and results ------------------------------------------------------------------

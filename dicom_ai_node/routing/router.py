@@ -100,6 +100,7 @@ class Router:
                         route=decision.route,
                         model=model,
                         destinations=list(decision.destinations),
+                        notify=list(decision.notify) or None,
                         state=JobState.QUEUED.value,
                         priority=priority.value,
                         attempts=0,

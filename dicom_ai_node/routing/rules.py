@@ -58,6 +58,6 @@ def choose_route(facts: SeriesFacts, routes: list[RouteConfig]) -> RouteDecision
         why = _mismatch(route, facts)
         if why is None:
             return RouteDecision(route.name, tuple(route.models), tuple(route.destinations),
-                                 f"matched route {route.name!r}", route.priority)
+                                 f"matched route {route.name!r}", route.priority, tuple(route.notify))
         mismatches.append(f"{route.name}: {why}")
     return RouteDecision(None, (), (), "no route matches (" + "; ".join(mismatches) + ")")

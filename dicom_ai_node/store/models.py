@@ -244,6 +244,8 @@ class Job(Base):
     # Where the results go, decided once when the series was routed: renaming or removing the route later
     # changes nothing.  NULL for jobs queued before 0007: they use their route's destinations at finish.
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    # The webhooks its route notifies (names in [webhooks]), decided when its series was routed (since 0011).
+    notify: Mapped[list[str] | None] = mapped_column(JSON)
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -295,6 +297,26 @@ class Delivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     # First failed attempt of the current run of transient failures (None once delivered or retried by
     # hand): the delivery is dead when it still fails delivery.give_up_after_hours after this.
+    failing_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Notification(Base):
+    """One call of a webhook about one job: its results delivered, the job failed, or a delivery of its results
+    dead (`delivery_id`); with its attempts, retried like a delivery."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"))
+    webhook: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))  # notify.queue.NotificationEvent
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     failing_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 

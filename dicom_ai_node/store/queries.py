@@ -36,6 +36,7 @@ from dicom_ai_node.store.models import (
     Instance,
     Job,
     JobState,
+    Notification,
     Priority,
     ResultObject,
     Series,
@@ -266,7 +267,8 @@ def find_study_uids(engine: Engine, prefix: str, limit: int = 10) -> list[str]:
     return []
 
 
-def _iso(value: dt.datetime | None) -> str | None:
+def iso_utc(value: dt.datetime | None) -> str | None:
+    """A stored UTC time as ISO 8601 with milliseconds and "Z", as the CLI and webhooks show it."""
     return value.isoformat(timespec="milliseconds") + "Z" if value else None
 
 
@@ -289,8 +291,8 @@ def list_studies(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
             {
                 **summary.attributes(),
                 "state": study_state(states),
-                "received_at": _iso(summary.study.created_at),
-                "last_received_at": _iso(max((row.last_received_at for row in summary.series), default=None)),
+                "received_at": iso_utc(summary.study.created_at),
+                "last_received_at": iso_utc(max((row.last_received_at for row in summary.series), default=None)),
             }
         )
     return result
@@ -333,9 +335,9 @@ def list_series(engine: Engine, study_instance_uid: str) -> list[dict[str, Any]]
             "duplicates_received": row.duplicates_received,
             "bytes": int(row.size),
             "calling_ae_title": row.calling_ae,
-            "first_received_at": _iso(row.first_received_at),
-            "last_received_at": _iso(row.last_received_at),
-            "completed_at": _iso(row.completed_at),
+            "first_received_at": iso_utc(row.first_received_at),
+            "last_received_at": iso_utc(row.last_received_at),
+            "completed_at": iso_utc(row.completed_at),
         }
         for row in rows
     ]
@@ -349,7 +351,7 @@ def list_events(engine: Engine, study_instance_uid: str | None = None, limit: in
         events = connection.execute(query).all()
     return [
         {
-            "at": _iso(event.at),
+            "at": iso_utc(event.at),
             "level": event.level,
             "kind": event.kind,
             "StudyInstanceUID": event.study_instance_uid,
@@ -387,7 +389,7 @@ def node_status(engine: Engine) -> dict[str, Any]:
         "oldest_waiting_series": (
             {
                 "SeriesInstanceUID": oldest.series_instance_uid,
-                "first_received_at": _iso(oldest.first_received_at),
+                "first_received_at": iso_utc(oldest.first_received_at),
                 "waiting_seconds": round((now - oldest.first_received_at).total_seconds()),
             }
             if oldest
@@ -397,6 +399,7 @@ def node_status(engine: Engine) -> dict[str, Any]:
         "jobs": job_counts(engine),
         "jobs_by_priority": job_waits(engine),
         "deliveries": delivery_counts(engine),
+        "notifications": notification_counts(engine),
     }
 
 
@@ -416,9 +419,9 @@ def _job_row(row) -> dict[str, Any]:
         "findings": row.findings,
         "summary": row.summary,
         "error": row.error,
-        "created_at": _iso(row.created_at),
-        "started_at": _iso(row.started_at),
-        "finished_at": _iso(row.finished_at),
+        "created_at": iso_utc(row.created_at),
+        "started_at": iso_utc(row.started_at),
+        "finished_at": iso_utc(row.finished_at),
         "load_seconds": row.load_seconds,
         "inference_seconds": row.inference_seconds,
         "write_seconds": row.write_seconds,
@@ -530,14 +533,51 @@ def list_deliveries(engine: Engine, state: str | None = None, limit: int = 200) 
             "attempts": row.attempts,
             "last_error": row.last_error,
             "remote_status": row.remote_status,
-            "created_at": _iso(row.created_at),
-            "last_attempt_at": _iso(row.last_attempt_at),
-            "next_attempt_at": _iso(row.next_attempt_at) if row.state in ("pending", "failed") else None,
-            "delivered_at": _iso(row.delivered_at),
-            "failing_since": _iso(row.failing_since),  # the give-up window (delivery.give_up_after_hours) starts here
+            "created_at": iso_utc(row.created_at),
+            "last_attempt_at": iso_utc(row.last_attempt_at),
+            "next_attempt_at": iso_utc(row.next_attempt_at) if row.state in ("pending", "failed") else None,
+            "delivered_at": iso_utc(row.delivered_at),
+            "failing_since": iso_utc(row.failing_since),  # the give-up window (delivery.give_up_after_hours) starts here
         }
         for row in rows
     ]
+
+
+def list_notifications(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
+    """Webhook calls, newest first."""
+    query = (
+        select(Notification.__table__, Study.study_instance_uid)
+        .join(Job, Job.id == Notification.job_id)
+        .join(Series, Series.id == Job.series_id)
+        .join(Study, Study.id == Series.study_id)
+        .order_by(Notification.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [
+        {
+            "id": row.id,
+            "state": row.state,
+            "webhook": row.webhook,
+            "event": row.event,
+            "job_id": row.job_id,
+            "delivery_id": row.delivery_id,
+            "StudyInstanceUID": row.study_instance_uid,
+            "attempts": row.attempts,
+            "last_error": row.last_error,
+            "created_at": iso_utc(row.created_at),
+            "next_attempt_at": iso_utc(row.next_attempt_at) if row.state in ("pending", "failed") else None,
+            "sent_at": iso_utc(row.sent_at),
+        }
+        for row in rows
+    ]
+
+
+def notification_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        counts = dict(connection.execute(select(Notification.state, func.count()).group_by(Notification.state)).all())
+    return {state.value: counts.get(state.value, 0) for state in DeliveryState}
 
 
 def delivery_counts(engine: Engine) -> dict[str, Any]:
