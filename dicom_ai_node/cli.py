@@ -714,8 +714,8 @@ def prioritize(
     priority: Annotated[PriorityChoice, typer.Option(help="How urgent.")] = PriorityChoice.stat,
     config: ConfigOption = None,
 ) -> None:
-    """Run a study's jobs (queued now, or queued later by series still to come) and send its results ahead of
-    less urgent work, whatever its route says; `--priority routine` puts it back in line."""
+    """Run a study's jobs (queued now, or queued later by series still to come) and send its results at this
+    priority, whatever its routes say (`--priority routine` included)."""
     from dicom_ai_node.inference.queue import JobQueue
 
     settings = load_config(config)

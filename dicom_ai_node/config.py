@@ -17,6 +17,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -458,9 +459,21 @@ class WebhookConfig(_Section):
     secret_env: str
     on: list[WebhookEvent] = Field(default_factory=lambda: ["delivered", "failed"], min_length=1)
     timeout_seconds: float = Field(10.0, gt=0, le=300)
-    # The payload names the study by its UIDs and AccessionNumber; PatientID only when this is true, for a
-    # receiver allowed to hold it (a chat channel is not).
+    # The payload names the study by its UIDs and AccessionNumber, and carries the job's summary and error;
+    # PatientID only when this is true.  Point a webhook only at a receiver allowed to hold these.
     include_patient_id: bool = False
+    # The payload identifies a study: it travels encrypted (https) unless the receiver is on this host or this
+    # is set, on a network the hospital trusts (HMAC signs the body; it does not hide it).
+    allow_plain_http: bool = False
+
+    @model_validator(mode="after")
+    def _encrypted(self) -> WebhookConfig:
+        url = urlsplit(self.url)
+        loopback = url.hostname in ("127.0.0.1", "localhost", "::1")
+        if url.scheme != "https" and not loopback and not self.allow_plain_http:
+            raise ValueError("use an https url: the payload identifies studies (or set allow_plain_http = true "
+                             "on a network you trust)")
+        return self
 
 
 class SourceConfig(_Section):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import dciodvfy_errors, storescu, venv_tool
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from test_results import BONE, LUNGS, MODEL, MODEL_VERSION, dciodvfy, phantom_volume
 
 from dicom_ai_node.config import MonaiBundleConfig
@@ -30,10 +31,10 @@ from dicom_ai_node.inference.builtin_findings import (
     BuiltinContrastModel,
     BuiltinLungNoduleModel,
 )
-from dicom_ai_node.inference.bundle import MonaiBundleModel
-from dicom_ai_node.inference.findings import Detection, Detections
+from dicom_ai_node.inference.bundle import MonaiBundleModel, detections_of
+from dicom_ai_node.inference.findings import MORPHOLOGICALLY_ABNORMAL_STRUCTURE, Detection, Detections
 from dicom_ai_node.inference.model import ModelUnavailable
-from dicom_ai_node.inference.segmentation import Segmentation
+from dicom_ai_node.inference.segmentation import Segment, Segmentation
 from dicom_ai_node.inference.torchscript import TorchScriptModel
 from dicom_ai_node.phantoms.ct import CTPhantom, PhantomGeometry
 from dicom_ai_node.results.found import what_was_found
@@ -593,3 +594,23 @@ def test_a_zoo_detection_bundle_end_to_end(detection_bundle, node_factory, tmp_p
     groups = _groups(path)
     assert [group.finding_type.meaning for group in groups] == ["Nodule"] * 5
     _tid1500reader(path)
+
+
+def test_a_detector_output_that_holds_nothing_reportable_is_no_finding_and_a_bad_class_an_error():
+    """Empty in any shape is "nothing found"; unscored (NaN) and low-scored boxes are not reported, whatever class
+    they claim; a reported box of a class the config does not code fails the job with the reason."""
+    classes = [Segment(1, "nodule", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, NODULE, (255, 0, 0))]
+    image = MetaTensor(torch.zeros(1, 10, 10, 10), affine=torch.eye(4))
+
+    def found(output: dict) -> list:
+        return detections_of(output, image, classes, NODULE, 0.5, "detector", "1").findings
+
+    assert found({"boxes": torch.zeros(0), "scores": torch.zeros(0)}) == []
+    assert found({"box": torch.zeros(0, 6), "label_scores": torch.zeros(0), "label": torch.zeros(0)}) == []
+    box = torch.tensor([1.0, 1.0, 1.0, 3.0, 3.0, 3.0])
+    assert found({"boxes": torch.stack([box, box]), "scores": torch.tensor([float("nan"), 0.1]),
+                  "labels": torch.tensor([-1, 7])}) == []
+    with pytest.raises(ValueError, match="returned class 7; models.detector.labels codes classes 0 to 0"):
+        found({"boxes": box[None], "scores": torch.tensor([0.9]), "labels": torch.tensor([7])})
+    (point,) = found({"boxes": torch.tensor([[2.0, 3.0, 4.0], [10.0, 0.0, 0.0]]), "scores": torch.tensor([0.8, 0.9])})
+    assert point.box_lps is None and point.centre_lps == (-2.0, -3.0, 4.0)  # the other lies past the last voxel

@@ -100,16 +100,20 @@ def test_results_delivered_to_the_pacs_are_announced_once_signed_and_retried(nod
     node = _node(
         node_factory, {"ris": {"url": ris.url, "secret_env": "RIS_SECRET"}},
         [{"name": "ct", "modality": "CT", "min_slices": 3, "models": ["ct-tissue"], "destinations": ["pacs"],
-          "notify": ["ris"]}],
+          "notify": ["ris"]},
+         {"name": "mr", "modality": "MR", "min_slices": 3, "models": ["ct-tissue"]}],  # notifies no one
         destinations={"pacs": {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs}},
     )
     node.start()
+    mr = MRPhantom(slices=8, rows=32, columns=32, pixel_spacing=(6.0, 6.0), slice_spacing=8.0)
+    assert storescu(node.port, *mr.write(tmp_path / "mr")).returncode == 0
+    node.wait_for(lambda: node.json("jobs", "--state", "failed"), timeout=120, what="the MR job, failed, told no one")
     phantom = _ct(tmp_path)
     assert storescu(node.port, *sorted((tmp_path / "ct").iterdir())).returncode == 0
     node.wait_for(lambda: len(ris.calls) == 2, timeout=120, what="the call and its retry")
     first, second = ris.verified()
     assert first == second and first["event"] == "results-delivered"
-    (job,) = node.json("jobs")
+    (job,) = node.json("jobs", "--state", "done")
     (delivery,) = node.json("deliveries")
     results = node.json("job", "show", str(job["id"]))["results"]
     assert first["job"] | {"finished_at": None} == {
@@ -157,6 +161,7 @@ def test_a_failed_job_and_a_dead_delivery_are_announced_a_refusal_is_not_retried
     dead = by_event["delivery-dead"]
     assert dead["study"]["StudyInstanceUID"] == phantom.study_uid
     assert [d["state"] for d in dead["deliveries"]] == ["dead"] and dead["deliveries"][0]["error"]
+    assert dead["delivery"] == dead["deliveries"][0]["id"]
     (to_chat,) = chat.verified()
     assert to_chat["event"] == "job-failed" and "PatientID" not in to_chat["study"]
     (gave_up,) = [e for e in node.json("events") if e["kind"] == "notification-dead"]
@@ -171,3 +176,11 @@ def test_a_failed_job_and_a_dead_delivery_are_announced_a_refusal_is_not_retried
     assert "made again" in node.cli("retry", f"N{calls['chat', 'job-failed']['id']}").stdout
     node.wait_for(lambda: len(chat.calls) == 2, what="the call made again")
     assert chat.verified()[1]["id"] == to_chat["id"]
+
+
+def test_a_webhook_without_its_secret_stops_the_node_from_starting(node_factory):
+    """Every call it is owed would go unsigned: the admin hears it at start-up, not at the first result."""
+    node = node_factory(webhooks={"ris": {"url": "http://127.0.0.1:9/hook", "secret_env": "UNSET_TEST_SECRET"}})
+    with pytest.raises(AssertionError, match="UNSET_TEST_SECRET"):
+        node.start()
+    assert "webhooks.ris.secret_env" in node.log()

@@ -161,8 +161,9 @@ def detections_of(output: Any, image: MetaTensor, classes: list[Segment], target
     `output` is a mapping (or a list of one, per batch item, as MONAI's RetinaNetDetector returns) of boxes, N x 6
     in MONAI's xyzxyz order, or points, N x 3, in voxel coordinates of `image` (the network's input, whose affine
     records every resampling and reorientation the preprocessing did), with one score each and, unless there is
-    one class, a class index each.  Boxes are clipped to the image and mapped to the world as MONAI's
-    ClipBoxToImaged and AffineBoxToWorldCoordinated do; findings scored below `min_score` are left out.
+    one class, a class index each.  Boxes are clipped to the image (those wholly outside it dropped, points
+    outside it too) and mapped to the world as MONAI's ClipBoxToImaged and AffineBoxToWorldCoordinated do;
+    findings scored below `min_score` (or not scored: NaN) are left out before their classes are checked.
     """
     if isinstance(output, list | tuple):
         if len(output) != 1:
@@ -177,11 +178,15 @@ def detections_of(output: Any, image: MetaTensor, classes: list[Segment], target
     boxes, scores = boxes.double(), scores.double().reshape(-1)
     labels = _entry(output, _LABEL_KEYS)
     labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels.long().reshape(-1)
+    if boxes.numel() == 0 and len(scores) == len(labels) == 0:
+        return Detections([], target, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, name, version)  # nothing, in any shape
     if boxes.ndim != 2 or boxes.shape[1] not in (3, 6) or not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"{name} returned boxes {tuple(boxes.shape)}, scores {tuple(scores.shape)} and labels "
                          f"{tuple(labels.shape)}: expected N x 6 boxes (or N x 3 points) and N of each")
     if len(classes) > 1 and not any(key in output for key in _LABEL_KEYS):
         raise ValueError(f"{name} has {len(classes)} classes but returned no labels")
+    reported = scores >= min_score  # NaN is not reported either
+    boxes, scores, labels = boxes[reported], scores[reported], labels[reported]
     unknown = labels[(labels < 0) | (labels >= len(classes))]
     if len(unknown):
         raise ValueError(f"{name} returned class {int(unknown[0])}; models.{name}.labels codes classes 0 to "
@@ -194,14 +199,12 @@ def detections_of(output: Any, image: MetaTensor, classes: list[Segment], target
         places = [(_point((box[:3] + box[3:]) / 2), (_point(box[:3]), _point(box[3:])))
                   for box in apply_affine_to_boxes(boxes, world)]
     else:
-        keep = ((boxes >= 0) & (boxes <= torch.tensor(spatial, dtype=boxes.dtype))).all(dim=1)
+        keep = ((boxes >= 0) & (boxes < torch.tensor(spatial, dtype=boxes.dtype))).all(dim=1)
         scores, labels = scores[keep], labels[keep]
         points = (world[:3, :3] @ boxes[keep].T + world[:3, 3:]).T
         places = [(_point(point), None) for point in points]
     findings, numbers = [], dict.fromkeys(range(len(classes)), 0)
     for index in sorted(range(len(places)), key=lambda n: -float(scores[n])):
-        if float(scores[index]) < min_score:
-            continue
         kind = classes[int(labels[index])]
         numbers[int(labels[index])] += 1
         centre, box = places[index]

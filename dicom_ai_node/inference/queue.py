@@ -211,8 +211,9 @@ class JobQueue:
                 select(func.count()).where(_jobs.c.series_id.in_(of_study), _jobs.c.state == JobState.QUEUED.value)
             ).scalar_one()
             insert_event(connection, EventKind.PRIORITIZED,
-                         f"study set to {priority.label} by an admin: {queued} queued job(s) go ahead of less "
-                         "urgent ones, and its results' deliveries too", study_instance_uid=study_instance_uid)
+                         f"study set to {priority.label} by an admin: its {queued} queued job(s), those its later "
+                         "series queue and its results' deliveries now run at that priority, whatever their route "
+                         "says", study_instance_uid=study_instance_uid)
             return queued
 
     def cancel(self, job_id: int) -> str | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, exists, select, update
+from sqlalchemy import Engine, exists, or_, select, update
 
 from dicom_ai_node.config import DeliverySection
 from dicom_ai_node.delivery.queue import backoff_seconds
@@ -94,44 +95,65 @@ class NotificationQueue:
 
     def discover(self, wanted: dict[str, set[str]]) -> int:
         """Owe the calls that jobs and deliveries now call for; `wanted` is each configured webhook's `on`.
-        Returns how many calls it queued."""
+        Returns how many calls it queued.
+
+        Each outcome is told once: a job run again (`retry J<id>`) that fails or delivers again, or a delivery
+        sent again (`retry D<id>`) that dies again, is a new outcome.  Only outcomes of the last give-up window
+        and a day are looked at, so each pass stays a few indexed queries however long the node runs.
+        """
         owed = 0
-        # Only what happened within the give-up window and a day: older events were owed long ago (or before
-        # their route notified anyone), and each pass stays a few indexed queries however long the node runs.
         since = utcnow() - dt.timedelta(hours=self.settings.give_up_after_hours + 24)
+        notifying = Job.notify.is_not(None)
+
+        def told(event: NotificationEvent):
+            return exists().where(Notification.job_id == Job.id, Notification.event == event.value,
+                                  Notification.created_at >= Job.finished_at)
+
+        undelivered = exists().where(Delivery.job_id == Job.id, Delivery.state != DeliveryState.DELIVERED.value)
+        lately_delivered = exists().where(Delivery.job_id == Job.id, Delivery.delivered_at >= since)
+        delivered = select(Job.id, Job.notify).where(
+            notifying, Job.state == JobState.DONE.value, ~undelivered,
+            or_(Job.finished_at >= since, lately_delivered), ~told(NotificationEvent.RESULTS_DELIVERED))
+        failed = select(Job.id, Job.notify).where(
+            notifying, Job.state.in_((JobState.FAILED.value, JobState.SKIPPED.value)), Job.finished_at >= since,
+            ~told(NotificationEvent.JOB_FAILED))
+        dead = (select(Delivery.id, Job.id, Job.notify).join(Job, Job.id == Delivery.job_id)
+                .where(notifying, Delivery.state == DeliveryState.DEAD.value, Delivery.last_attempt_at >= since,
+                       ~exists().where(Notification.delivery_id == Delivery.id,
+                                       Notification.created_at >= Delivery.last_attempt_at)))
         with self.engine.begin() as connection:
-            notifying = Job.notify.is_not(None)
-            undelivered = exists().where(Delivery.job_id == Job.id, Delivery.state != DeliveryState.DELIVERED.value)
-            for event, states in ((NotificationEvent.RESULTS_DELIVERED, (JobState.DONE.value,)),
-                                  (NotificationEvent.JOB_FAILED, (JobState.FAILED.value, JobState.SKIPPED.value))):
-                owed_already = exists().where(Notification.job_id == Job.id, Notification.event == event.value)
-                query = select(Job.id, Job.notify).where(notifying, Job.state.in_(states), Job.finished_at >= since,
-                                                         ~owed_already)
-                if event is NotificationEvent.RESULTS_DELIVERED:
-                    query = query.where(~undelivered)
+            for event, query in ((NotificationEvent.RESULTS_DELIVERED, delivered),
+                                 (NotificationEvent.JOB_FAILED, failed)):
                 for job_id, names in connection.execute(query).all():
                     owed += self._owe(connection, wanted, job_id, None, names, event)
-            dead = (select(Delivery.id, Job.id, Job.notify).join(Job, Job.id == Delivery.job_id)
-                    .where(notifying, Delivery.state == DeliveryState.DEAD.value, Delivery.last_attempt_at >= since,
-                           ~exists().where(Notification.delivery_id == Delivery.id)))
             for delivery_id, job_id, names in connection.execute(dead).all():
                 owed += self._owe(connection, wanted, job_id, delivery_id, names, NotificationEvent.DELIVERY_DEAD)
         return owed
 
-    @staticmethod
-    def _owe(connection, wanted: dict[str, set[str]], job_id: int, delivery_id: int | None, names: list[str],
-             event: NotificationEvent) -> int:
-        """One call per webhook of `names` that asks for the event (none is owed yet: `discover` looked)."""
+    def _owe(self, connection, wanted: dict[str, set[str]], job_id: int, delivery_id: int | None,
+             names: list[str] | None, event: NotificationEvent) -> int:
+        """One call per webhook of `names` that asks for the event, its body as things stand now."""
         owed = 0
-        for name in names:
+        for name in names or ():
             if event.asked_by not in wanted.get(name, set()):
                 continue  # the webhook does not ask for it, or is no longer configured
             now = utcnow()
+            payload = self._payload(connection, job_id, delivery_id, event, name in self.patient_id_for)
             connection.execute(_notifications.insert().values(
-                job_id=job_id, delivery_id=delivery_id, webhook=name, event=event.value,
+                job_id=job_id, delivery_id=delivery_id, webhook=name, event=event.value, payload=json.dumps(payload),
                 state=DeliveryState.PENDING.value, attempts=0, created_at=now, next_attempt_at=now))
             owed += 1
         return owed
+
+    def abandon(self, configured: Collection[str]) -> int:
+        """Calls still owed to webhooks no longer in the config are dead: nobody is there to make them to."""
+        waiting = (DeliveryState.PENDING.value, DeliveryState.FAILED.value)
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(_notifications)
+                .where(_notifications.c.state.in_(waiting), _notifications.c.webhook.not_in(list(configured)))
+                .values(state=DeliveryState.DEAD.value, last_error="its webhook is no longer in [webhooks]")
+            ).rowcount
 
     def claim_due(self, limit: int, webhooks: Collection[str]) -> list[ClaimedNotification]:
         """Up to `limit` calls to `webhooks` (those configured) whose time has come, the most urgent jobs' first."""
@@ -153,36 +175,49 @@ class NotificationQueue:
                     claimed.append(self._describe(connection, notification_id))
         return claimed
 
-    def _describe(self, connection, notification_id: int) -> ClaimedNotification:
-        """The call, with the JSON it carries: what happened to which job of which study, and what it made."""
+    @staticmethod
+    def _describe(connection, notification_id: int) -> ClaimedNotification:
         row = connection.execute(
-            select(Notification.__table__, Job.model, Job.model_version, Job.route, Job.priority, Job.state.label(
-                "job_state"), Job.findings, Job.summary, Job.error, Job.finished_at, Series.series_instance_uid,
-                   Series.modality, Study.study_instance_uid, Study.accession_number, Study.patient_id)
+            select(Notification.__table__, Series.series_instance_uid, Study.study_instance_uid)
             .join(Job, Job.id == Notification.job_id)
             .join(Series, Series.id == Job.series_id)
             .join(Study, Study.id == Series.study_id)
             .where(Notification.id == notification_id)
         ).one()
+        # The id is the same on every attempt, and so is the rest of the body: what happened, as it was then.
+        payload = {"id": f"N{row.id}", **json.loads(row.payload)}
+        return ClaimedNotification(row.id, row.webhook, NotificationEvent(row.event), row.attempts, payload,
+                                   row.study_instance_uid, row.series_instance_uid, row.failing_since)
+
+    def _payload(self, connection, job_id: int, delivery_id: int | None, event: NotificationEvent,
+                 include_patient_id: bool) -> dict[str, Any]:
+        """What happened to which job of which study, what it made and where it went."""
+        row = connection.execute(
+            select(Job.model, Job.model_version, Job.route, Job.priority, Job.state, Job.findings, Job.summary,
+                   Job.error, Job.finished_at, Series.series_instance_uid, Series.modality, Study.study_instance_uid,
+                   Study.accession_number, Study.patient_id)
+            .join(Series, Series.id == Job.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Job.id == job_id)
+        ).one()
         results = connection.execute(
             select(ResultObject.kind, ResultObject.sop_class_uid, ResultObject.sop_instance_uid,
-                   ResultObject.series_instance_uid).where(ResultObject.job_id == row.job_id).order_by(ResultObject.id)
+                   ResultObject.series_instance_uid).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
         ).all()
         deliveries = connection.execute(
             select(Delivery.id, Delivery.destination, Delivery.state, Delivery.delivered_at, Delivery.last_error)
-            .where(Delivery.job_id == row.job_id).order_by(Delivery.id)
+            .where(Delivery.job_id == job_id).order_by(Delivery.id)
         ).all()
         study = {"StudyInstanceUID": row.study_instance_uid, "AccessionNumber": row.accession_number}
-        if row.webhook in self.patient_id_for:
+        if include_patient_id:
             study["PatientID"] = row.patient_id
         payload = {
-            "event": row.event,
-            "id": f"N{row.id}",  # the same for every attempt of this call: receivers de-duplicate by it
+            "event": event.value,
             "node": self.node_ae_title,
             "study": study,
             "series": {"SeriesInstanceUID": row.series_instance_uid, "Modality": row.modality},
-            "job": {"id": f"J{row.job_id}", "model": row.model, "model_version": row.model_version,
-                    "route": row.route, "priority": Priority(row.priority).label, "state": row.job_state,
+            "job": {"id": f"J{job_id}", "model": row.model, "model_version": row.model_version,
+                    "route": row.route, "priority": Priority(row.priority).label, "state": row.state,
                     "findings": row.findings, "summary": row.summary, "error": row.error,
                     "finished_at": iso_utc(row.finished_at)},
             "results": [{"kind": r.kind, "SOPClassUID": r.sop_class_uid, "SOPInstanceUID": r.sop_instance_uid,
@@ -190,8 +225,9 @@ class NotificationQueue:
             "deliveries": [{"id": f"D{d.id}", "destination": d.destination, "state": d.state,
                             "delivered_at": iso_utc(d.delivered_at), "error": d.last_error} for d in deliveries],
         }
-        return ClaimedNotification(row.id, row.webhook, NotificationEvent(row.event), row.attempts, payload,
-                                   row.study_instance_uid, row.series_instance_uid, row.failing_since)
+        if delivery_id is not None:
+            payload["delivery"] = f"D{delivery_id}"  # the one that died
+        return payload
 
     def record(self, call: ClaimedNotification, outcome: DeliveryOutcome) -> DeliveryState:
         """The call's outcome: done, retried later with backoff, or dead (permanent, or past the give-up window)."""

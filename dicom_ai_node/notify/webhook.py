@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import time
+from urllib.parse import urlsplit
 
 import requests
 
@@ -36,6 +37,9 @@ def call(name: str, webhook: WebhookConfig, notification: ClaimedNotification) -
     """POST the notification to the webhook: 2xx is done; 408, 429, 5xx and no connection are retried; any other
     answer, or no secret to sign with, is permanent (retrying cannot change it)."""
     url = str(webhook.url)
+    # Messages name the site only: a chat bridge's URL carries its token in the path or the query.
+    parts = urlsplit(url)
+    site = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     secret = os.environ.get(webhook.secret_env)
     if not secret:
         return DeliveryOutcome(False, True, f"webhooks.{name}: environment variable {webhook.secret_env} "
@@ -53,10 +57,10 @@ def call(name: str, webhook: WebhookConfig, notification: ClaimedNotification) -
         response = requests.post(url, data=body, headers=headers, timeout=webhook.timeout_seconds,
                                  allow_redirects=False)
     except requests.RequestException as exc:
-        return DeliveryOutcome(False, False, f"POST {url}: {connection_problem(exc)}")
+        return DeliveryOutcome(False, False, f"POST {site}: {connection_problem(exc)}")
     status = f"HTTP {response.status_code}"
     response.close()
     if 200 <= response.status_code < 300:
         return DeliveryOutcome(True, False, "", status)
     return DeliveryOutcome(False, not transient_http_status(response.status_code),
-                           f"POST {url}: {status} {response.reason or ''}".rstrip(), status)
+                           f"POST {site}: {status} {response.reason or ''}".rstrip(), status)

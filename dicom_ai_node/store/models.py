@@ -245,7 +245,7 @@ class Job(Base):
     # changes nothing.  NULL for jobs queued before 0007: they use their route's destinations at finish.
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     # The webhooks its route notifies (names in [webhooks]), decided when its series was routed (since 0011).
-    notify: Mapped[list[str] | None] = mapped_column(JSON)
+    notify: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))  # None is SQL NULL, not 'null'
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -311,6 +311,7 @@ class Notification(Base):
     delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"))
     webhook: Mapped[str] = mapped_column(String(64))
     event: Mapped[str] = mapped_column(String(32))  # notify.queue.NotificationEvent
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body, as things stood when the call was owed
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column('delivery_id', sa.Integer(), nullable=True),
         sa.Column('webhook', sa.String(length=64), nullable=False),
         sa.Column('event', sa.String(length=32), nullable=False),
+        sa.Column('payload', sa.Text(), nullable=False),
         sa.Column('state', sa.String(length=16), nullable=False),
         sa.Column('attempts', sa.Integer(), nullable=False),
         sa.Column('last_error', sa.Text(), nullable=True),
