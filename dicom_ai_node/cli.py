@@ -7,6 +7,7 @@ shows a traceback.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import functools
 import json
@@ -27,7 +28,16 @@ from dicom_ai_node.config import CONFIG_ENV, Config, DimseDestination, MonaiBund
 from dicom_ai_node.errors import NodeError, StartupError
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.store import db, queries
-from dicom_ai_node.store.models import Delivery, DeliveryState, Job, JobState, Notification, Priority
+from dicom_ai_node.store.models import (
+    Delivery,
+    DeliveryState,
+    Fetch,
+    Job,
+    JobState,
+    Notification,
+    Priority,
+    utcnow,
+)
 
 # Help is plain text: Rich markup would eat `[peers]`, `[destinations]`, ..., and flags show no `<bool>`.
 _PLAIN_HELP = {"rich_markup_mode": None}
@@ -260,6 +270,17 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         ", ".join(f"{_state(k)} {v}" for k, v in deliveries.items() if k != "oldest_undelivered_seconds")
         + (f", oldest undelivered {stuck} s" if stuck is not None else ""),
     )
+    fetching = {state: count for state, count in report["fetches"].items() if count}
+    if fetching:
+        from dicom_ai_node.fetch.queue import FetchQueue
+        from dicom_ai_node.fetch.runner import waiting_reason
+
+        line = ", ".join(f"{_state(state)} {count}" for state, count in fetching.items())
+        if fetching.get("queued"):
+            started = FetchQueue(engine).started_since(utcnow() - dt.timedelta(hours=1))
+            reason = waiting_reason(settings.fetch, dt.datetime.now(), started)
+            line += f" (waiting: {reason})" if reason else ""
+        table.add_row("fetches", line)
     called = {state: count for state, count in report["notifications"].items() if count}
     if called:
         failing = called.get(DeliveryState.FAILED.value, 0) + called.get(DeliveryState.DEAD.value, 0)
@@ -607,6 +628,69 @@ def deliveries(
 
 @app.command()
 @_plain_errors
+def fetch(
+    peer: Annotated[str, typer.Argument(help="A peer from [peers] that answers C-FIND and C-MOVE.")],
+    study: Annotated[list[str] | None, typer.Option(help="StudyInstanceUID (repeat for several).")] = None,
+    accession: Annotated[str, typer.Option(help="AccessionNumber.")] = "",
+    patient_id: Annotated[str, typer.Option(help="PatientID.")] = "",
+    dates: Annotated[str, typer.Option(help="StudyDate or a range, YYYYMMDD-YYYYMMDD.")] = "",
+    modality: Annotated[str, typer.Option(help="Only studies with this modality (ModalitiesInStudy).")] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what matches; queue nothing.")] = False,
+    again: Annotated[bool, typer.Option("--again", help="Fetch studies fetched before again.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find studies on a PACS (C-FIND) and queue them to be pulled (C-MOVE to this node), for retrospective runs
+    and backfills; the running node retrieves them one at a time within fetch.window and fetch.max_studies_per_hour,
+    and they are routed as pushed studies are."""
+    from dicom_ai_node.fetch.dimse import StudyQuery, find_studies
+    from dicom_ai_node.fetch.queue import FetchQueue
+
+    settings = load_config(config)
+    if peer not in settings.peers:
+        raise NodeError(f"no peer named {peer!r} in [peers] (known: {', '.join(sorted(settings.peers)) or 'none'})")
+    if not (study or accession or patient_id or dates):
+        raise NodeError("say which studies: --study, --accession, --patient-id or --dates (a backfill of every "
+                        "study on a PACS is not asked for by accident)")
+    query = StudyQuery(tuple(study or ()), accession, patient_id, dates, modality)
+    found = find_studies(settings.node.ae_title, peer, settings.peers[peer], query)
+    queued = skipped = 0
+    if not dry_run:
+        queued, skipped = FetchQueue(_engine(settings)).request(peer, found, query.describe(), again)
+    if as_json:
+        _print_json({"found": [vars(s) for s in found], "queued": queued, "already": skipped})
+        return
+    table = Table("Study Instance UID", "Accession", "Date", "Modalities", "Instances")
+    for item in found:
+        table.add_row(_text(item.study_instance_uid), _text(item.accession_number), _text(item.study_date),
+                      _text(item.modalities), _text(item.instances))
+    console.print(table)
+    what = "nothing queued (--dry-run)" if dry_run else f"{queued} queued" + (
+        f", {skipped} already queued or fetched (--again fetches those again)" if skipped else "")
+    console.print(f"{len(found)} study(ies) on {peer} match {query.describe()}: {what}", markup=False,
+                  highlight=False)
+
+
+@app.command()
+@_plain_errors
+def fetches(config: ConfigOption = None, limit: Annotated[int, typer.Option(help="Newest N.")] = 100,
+            as_json: JsonOption = False) -> None:
+    """Studies asked for with `fetch`: state, instances moved, error."""
+    rows = queries.list_fetches(_engine(load_config(config)), limit)
+    if _said_plainly(rows, as_json, "no fetches"):
+        return
+    listing = []
+    for row in rows:
+        moved = "" if row["completed"] is None else f"{row['completed']}/{row['NumberOfStudyRelatedInstances'] or '?'}"
+        cells = [_text(f"F{row['id']}"), _state_text(row["state"]), _text(row["peer"]), _text(row["AccessionNumber"]),
+                 _text(row["StudyDate"]), _text(moved)]
+        notes = [_text(row["error"], "red" if row["state"] == "failed" else "yellow")] if row["error"] else []
+        listing.append((cells, [("study", row["StudyInstanceUID"])], notes))
+    _print_with_uids(["ID", "State", "Peer", "Accession", "Date", "Moved"], listing, "Study Instance UID / error")
+
+
+@app.command()
+@_plain_errors
 def notifications(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option(help="Newest N calls.")] = 100,
@@ -614,11 +698,7 @@ def notifications(
 ) -> None:
     """Webhook calls ([webhooks], routes' `notify`): event, attempts, last error."""
     rows = queries.list_notifications(_engine(load_config(config)), limit)
-    if as_json:
-        _print_json(rows)
-        return
-    if not rows:
-        console.print("no webhook calls")
+    if _said_plainly(rows, as_json, "no webhook calls"):
         return
     listing = []
     for row in rows:
@@ -626,6 +706,17 @@ def notifications(
                  _text(f"J{row['job_id']}"), _text(row["attempts"])]
         listing.append((cells, [("study", row["StudyInstanceUID"])], _attempt_notes(row)))
     _print_with_uids(["ID", "State", "Webhook", "Event", "Job", "Tries"], listing, "Study Instance UID / last error")
+
+
+def _said_plainly(rows: list[dict[str, Any]], as_json: bool, nothing: str) -> bool:
+    """Print the rows as JSON, or `nothing` when there are none; True when that said it all."""
+    if as_json:
+        _print_json(rows)
+        return True
+    if not rows:
+        console.print(nothing)
+        return True
+    return False
 
 
 def _attempt_notes(row: dict[str, Any]) -> list[Text]:
@@ -636,29 +727,31 @@ def _attempt_notes(row: dict[str, Any]) -> list[Text]:
     return notes
 
 
-_ID_KINDS = {"J": "job", "D": "delivery", "N": "notification"}
+_ID_KINDS = {"J": "job", "D": "delivery", "N": "notification", "F": "fetch"}
 
 
 def _parse_id(text: str) -> tuple[str, int]:
-    """`J12` is job 12, `D7` is delivery 7, `N3` is webhook call 3 (as the listings show them)."""
+    """`J12` is job 12, `D7` is delivery 7, `N3` is webhook call 3, `F2` is fetch 2 (as the listings show them)."""
     kind, number = text[:1].upper(), text[1:]
     if kind not in _ID_KINDS or not number.isdigit():
-        raise NodeError(f"{text!r}: give a job as J<id>, a delivery as D<id> or a webhook call as N<id> "
-                        "(see: jobs, deliveries, notifications)")
+        raise NodeError(f"{text!r}: give a job as J<id>, a delivery as D<id>, a webhook call as N<id> or a fetch "
+                        "as F<id> (see: jobs, deliveries, notifications, fetches)")
     return _ID_KINDS[kind], int(number)
 
 
 @app.command()
 @_plain_errors
 def retry(
-    target: Annotated[str | None, typer.Argument(help="J<id> (a job), D<id> (a delivery), N<id> (a webhook call).")
-                      ] = None,
+    target: Annotated[str | None, typer.Argument(
+        help="J<id> (a job), D<id> (a delivery), N<id> (a webhook call), F<id> (a fetch).")] = None,
     all_failed: Annotated[bool, typer.Option(
-        "--all-failed", help="Every failed job, and failed or dead delivery and webhook call.")] = False,
+        "--all-failed", help="Every failed job and fetch, and failed or dead delivery and webhook call.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Run a failed job again, or send a failed or dead delivery (or webhook call) again now."""
+    """Run a failed job again, send a failed or dead delivery (or webhook call) again now, or queue a failed
+    fetch again."""
     from dicom_ai_node.delivery.queue import DeliveryQueue
+    from dicom_ai_node.fetch.queue import FetchQueue
     from dicom_ai_node.inference.queue import JobQueue
     from dicom_ai_node.notify.queue import NotificationQueue
 
@@ -669,13 +762,20 @@ def retry(
     calls = NotificationQueue(engine, settings.delivery, settings.node.ae_title)
     if all_failed:
         jobs_n, deliveries_n, calls_n = jobs_queue.retry(), delivery_queue.retry_all_failed(), calls.retry()
+        fetches_n = FetchQueue(engine).retry()
         console.print(f"queued again: {jobs_n} failed job(s), {deliveries_n} failed or dead delivery(ies), "
-                      f"{calls_n} failed or dead webhook call(s)")
+                      f"{calls_n} failed or dead webhook call(s), {fetches_n} failed fetch(es)")
         return
     if target is None:
-        raise NodeError("say what to retry: J<id>, D<id>, N<id> or --all-failed")
+        raise NodeError("say what to retry: J<id>, D<id>, N<id>, F<id> or --all-failed")
     kind, number = _parse_id(target)
-    if kind == "notification":
+    if kind == "fetch":
+        if not FetchQueue(engine).retry(number):
+            if not _exists(engine, Fetch, number):
+                raise NodeError(f"no fetch {number} (see: dicom-ai-node fetches)")
+            raise NodeError(f"fetch {number} is not failed (see: dicom-ai-node fetches)")
+        console.print(f"fetch {number} queued again")
+    elif kind == "notification":
         if not calls.retry(number):
             if not _exists(engine, Notification, number):
                 raise NodeError(f"no webhook call {number} (see: dicom-ai-node notifications)")
@@ -695,7 +795,7 @@ def retry(
         console.print(f"delivery {number} will be sent again now")
 
 
-def _exists(engine, table: type[Job] | type[Delivery] | type[Notification], row_id: int) -> bool:
+def _exists(engine, table: type[Job] | type[Delivery] | type[Notification] | type[Fetch], row_id: int) -> bool:
     """Tells "there is no such job/delivery/call" apart from "it is in a state that cannot be retried"."""
     from sqlalchemy import select
 

@@ -221,7 +221,8 @@ class SeriesSection(_Section):
 
 
 class Peer(_Section):
-    """A DICOM node we talk to (echo now; delivery destinations later)."""
+    """A DICOM node we talk to: `echo`, and `fetch` studies from (a PACS that answers C-FIND and C-MOVE; it must
+    know the node's AE title, host and port, as the destination it moves the images to)."""
 
     ae_title: AETitle
     host: str
@@ -530,6 +531,24 @@ class WorkersSection(_Section):
     poll_seconds: float = Field(0.5, gt=0, le=60)
 
 
+class FetchSection(_Section):
+    """How studies asked for with `dicom-ai-node fetch` are retrieved (C-MOVE to the node, one study at a time)."""
+
+    # Only within this daily window of the node's local time, "HH:MM-HH:MM" (it may wrap midnight: "22:00-06:00"
+    # is nights only), so backfills leave the PACS to the day's work; None: any time.
+    window: str | None = None
+    # At most this many studies started per hour (0: no limit), however many are queued.
+    max_studies_per_hour: int = Field(0, ge=0)
+    timeout_seconds: float = Field(3600.0, gt=0)  # for one study's C-MOVE
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError("must be HH:MM-HH:MM, e.g. 22:00-06:00")
+        return value
+
+
 class LoggingSection(_Section):
     level: str = "INFO"
     file: Path | None = None
@@ -659,6 +678,7 @@ class Config(_Section):
     destinations: dict[str, AnyDestinationConfig] = {}
     webhooks: dict[str, WebhookConfig] = {}
     sources: dict[str, SourceConfig] = {}
+    fetch: FetchSection = FetchSection()
     delivery: DeliverySection = DeliverySection()
     logging: LoggingSection = LoggingSection()
     web: WebSection = WebSection()

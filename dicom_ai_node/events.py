@@ -52,6 +52,11 @@ class EventKind(enum.StrEnum):
     NONSTANDARD_SOP_CLASS = "nonstandard-sop-class"  # a retired or private/unknown storage class stored
     INVALID_UID = "invalid-uid"  # stored with a UID that is not a valid UID: its file has a digest name
 
+    # Studies pulled from a peer (`fetch`)
+    FETCH_REQUESTED = "fetch-requested"  # an admin asked; how many studies were found and queued
+    FETCH_DONE = "fetch-done"  # the peer moved the study (warning: some instances failed)
+    FETCH_FAILED = "fetch-failed"
+
     # Series completion
     COMPLETE = "complete"
     SERIES_WAITING = "series-waiting"  # waits for refused instances to be re-sent

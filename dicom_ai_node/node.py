@@ -15,6 +15,8 @@ from dicom_ai_node.delivery.queue import DeliveryQueue
 from dicom_ai_node.delivery.runner import DeliveryRunner
 from dicom_ai_node.errors import StartupError
 from dicom_ai_node.events import EventKind, Level
+from dicom_ai_node.fetch.queue import FetchQueue
+from dicom_ai_node.fetch.runner import FetchRunner
 from dicom_ai_node.inference.queue import JobQueue
 from dicom_ai_node.ingest.orthanc_pull import OrthancPuller
 from dicom_ai_node.ingest.receive import Receiver
@@ -53,6 +55,8 @@ class Node:
         patient_id_for = {name for name, webhook in config.webhooks.items() if webhook.include_patient_id}
         self.notifications = NotificationQueue(self.engine, config.delivery, config.node.ae_title, patient_id_for)
         self.notifier = NotificationRunner(config, self.notifications)
+        self.fetches = FetchQueue(self.engine)
+        self.fetcher = FetchRunner(config, self.fetches)
         self.scp = StorageSCP(config, self.index, self.store)
         self.web = WebServer(config, self.engine, self.index, self.store, self.scp.admission.counts)
         self.pullers = [
@@ -105,6 +109,8 @@ class Node:
                 log.warning("%d delivery(ies) interrupted by the last shutdown will be sent again", resent)
             if called := self.notifications.requeue_interrupted():
                 log.warning("%d webhook call(s) interrupted by the last shutdown will be made again", called)
+            if fetching := self.fetches.requeue_interrupted():
+                log.warning("%d fetch(es) interrupted by the last shutdown are queued again", fetching)
             self._hold_interrupted_series()
             self.advance()  # series a previous run left complete but not yet routed
             self.scp.start()
@@ -119,6 +125,8 @@ class Node:
             started.append(self.delivery.stop)
             self.notifier.start()
             started.append(self.notifier.stop)
+            self.fetcher.start()  # after the SCP: the studies it moves arrive there
+            started.append(self.fetcher.stop)
             self._stages.start()
         except BaseException as exc:
             self._stop_after_failed_start(started)
@@ -217,6 +225,7 @@ class Node:
             process.terminate()  # a worker finishes its current job, then exits
         self.delivery.stop(deadline)
         self.notifier.stop(deadline)
+        self.fetcher.stop(deadline)
         self.scp.drain(deadline)
         for process in self._workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))

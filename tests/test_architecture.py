@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dicom_ai_node"
-STAGES = ["ingest", "series", "routing", "inference", "results", "delivery", "notify", "web", "store"]
+STAGES = ["ingest", "series", "routing", "inference", "results", "delivery", "notify", "fetch", "web", "store"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

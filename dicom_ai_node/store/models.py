@@ -75,6 +75,13 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
+class FetchState(str, enum.Enum):
+    QUEUED = "queued"  # asked for (`fetch`), waiting for its turn, the window or the rate limit
+    FETCHING = "fetching"  # the C-MOVE is under way
+    DONE = "done"  # the peer moved every instance it holds (or some failed: counted, reason recorded)
+    FAILED = "failed"  # the peer could not be reached, refused, or moved nothing; `retry F<id>` queues it again
+
+
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"  # waiting for its first attempt
     SENDING = "sending"
@@ -319,6 +326,29 @@ class Notification(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     failing_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Fetch(Base):
+    """One study to retrieve from a peer, asked for with `dicom-ai-node fetch` (found by its C-FIND)."""
+
+    __tablename__ = "fetches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer: Mapped[str] = mapped_column(String(64))  # a name in [peers]
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    expected_instances: Mapped[int | None] = mapped_column(Integer)  # the peer's NumberOfStudyRelatedInstances
+    asked: Mapped[str] = mapped_column(Text)  # the query that found it, for the admin
+    state: Mapped[str] = mapped_column(String(16), default=FetchState.QUEUED.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int | None] = mapped_column(Integer)  # instances the peer moved
+    failed: Mapped[int | None] = mapped_column(Integer)  # instances it could not move
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class SourceCursor(Base):

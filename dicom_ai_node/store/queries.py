@@ -33,6 +33,8 @@ from dicom_ai_node.store.models import (
     Delivery,
     DeliveryState,
     Event,
+    Fetch,
+    FetchState,
     Instance,
     Job,
     JobState,
@@ -400,6 +402,7 @@ def node_status(engine: Engine) -> dict[str, Any]:
         "jobs_by_priority": job_waits(engine),
         "deliveries": delivery_counts(engine),
         "notifications": notification_counts(engine),
+        "fetches": fetch_counts(engine),
     }
 
 
@@ -541,6 +544,39 @@ def list_deliveries(engine: Engine, state: str | None = None, limit: int = 200) 
         }
         for row in rows
     ]
+
+
+def list_fetches(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
+    """Studies asked for with `fetch`, newest first."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(Fetch.__table__).order_by(Fetch.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": row.id,
+            "state": row.state,
+            "peer": row.peer,
+            "StudyInstanceUID": row.study_instance_uid,
+            "AccessionNumber": row.accession_number,
+            "StudyDate": row.study_date,
+            "ModalitiesInStudy": row.modalities,
+            "NumberOfStudyRelatedInstances": row.expected_instances,
+            "asked": row.asked,
+            "attempts": row.attempts,
+            "completed": row.completed,
+            "failed": row.failed,
+            "error": row.error,
+            "requested_at": iso_utc(row.requested_at),
+            "started_at": iso_utc(row.started_at),
+            "finished_at": iso_utc(row.finished_at),
+        }
+        for row in rows
+    ]
+
+
+def fetch_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        counts = dict(connection.execute(select(Fetch.state, func.count()).group_by(Fetch.state)).all())
+    return {state.value: counts.get(state.value, 0) for state in FetchState}
 
 
 def list_notifications(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:

@@ -1,0 +1,151 @@
+"""C-FIND and C-MOVE as an SCU (Study Root), against a configured peer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicom_ai_node.config import Peer
+from dicom_ai_node.errors import NodeError
+
+_PENDING = (0xFF00, 0xFF01)
+# PS3.4 C.4.2.1.5: the C-MOVE failures an admin can act on, in their words.
+_MOVE_FAILURES = {
+    0xA801: "does not know the node's AE title {ours} as a move destination: add it, with the node's host and "
+            "DICOM port, to the peer's modalities",
+    0xA701: "is out of resources (cannot calculate the number of matches)",
+    0xA702: "is out of resources (cannot perform the sub-operations)",
+    0xA900: "says the identifier does not match the SOP class",
+    0xFE00: "cancelled the retrieval",
+}
+
+
+class PeerError(NodeError):
+    """A peer cannot be reached, refuses the association, or answers a query with a failure."""
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """Study-level matching keys (PS3.4 C.6.2.1.2); empty ones are not matched."""
+
+    study_instance_uids: tuple[str, ...] = ()
+    accession_number: str = ""
+    patient_id: str = ""
+    study_date: str = ""  # "YYYYMMDD", or a range "YYYYMMDD-YYYYMMDD" (either end may be open)
+    modality: str = ""  # matched against ModalitiesInStudy
+
+    def describe(self) -> str:
+        parts = [f"{key} {value}" for key, value in (
+            ("study", ", ".join(self.study_instance_uids)), ("accession", self.accession_number),
+            ("patient", self.patient_id), ("dates", self.study_date), ("modality", self.modality)) if value]
+        return "; ".join(parts) or "every study"
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str | None
+    modalities: str | None
+    instances: int | None  # NumberOfStudyRelatedInstances, if the peer says
+
+
+@dataclass(frozen=True)
+class Moved:
+    """How a C-MOVE ended: its final status and the peer's sub-operation counts."""
+
+    ok: bool
+    completed: int
+    failed: int
+    reason: str | None  # why not ok, or why some failed
+
+
+def _associate(our_ae_title: str, name: str, peer: Peer, context: str, timeout: float):
+    ae = AE(ae_title=our_ae_title)
+    ae.add_requested_context(context)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    ae.dimse_timeout = timeout
+    where = f"peer {name} ({peer.ae_title}@{peer.host}:{peer.port})"
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    except OSError as exc:
+        raise PeerError(f"{where} is unreachable: {exc}") from None
+    if assoc.is_rejected:
+        raise PeerError(f"{where} rejected the association (does it know the AE title {our_ae_title}?)")
+    if not assoc.is_established:
+        raise PeerError(f"{where} is unreachable or did not answer")
+    if not assoc.accepted_contexts:
+        assoc.release()
+        raise PeerError(f"{where} does not offer Study Root query/retrieve")
+    return assoc, where
+
+
+def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, timeout: float = 60) -> list[FoundStudy]:
+    """The studies the peer holds that match `query` (C-FIND, Study Root, STUDY level)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "\\".join(query.study_instance_uids)
+    identifier.AccessionNumber = query.accession_number
+    identifier.PatientID = query.patient_id
+    identifier.StudyDate = query.study_date
+    identifier.ModalitiesInStudy = query.modality
+    identifier.NumberOfStudyRelatedInstances = ""
+    assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelFind, timeout)
+    found = []
+    try:
+        for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise PeerError(f"{where} aborted the C-FIND, or did not answer it within {timeout:g} s (does it "
+                                f"let {our_ae_title} query? Orthanc needs it in DicomModalities)")
+            if code in _PENDING and answer is not None and answer.get("StudyInstanceUID"):
+                instances = answer.get("NumberOfStudyRelatedInstances")
+                found.append(FoundStudy(
+                    str(answer.StudyInstanceUID), str(answer.get("AccessionNumber") or "") or None,
+                    str(answer.get("StudyDate") or "") or None,
+                    "\\".join(answer.get("ModalitiesInStudy") or []) if answer.get("ModalitiesInStudy") else None,
+                    int(instances) if instances not in (None, "") else None))
+            elif code not in _PENDING and code != 0x0000:
+                raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
+    finally:
+        assoc.release()
+    return found
+
+
+def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, timeout: float) -> Moved:
+    """Ask the peer to C-MOVE the study to the node's own AE title; the instances arrive at the node's SCP."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_instance_uid
+    try:
+        assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelMove, timeout)
+    except PeerError as exc:
+        return Moved(False, 0, 0, str(exc))
+    completed = failed = 0
+    try:
+        for status, _ in assoc.send_c_move(identifier, our_ae_title, StudyRootQueryRetrieveInformationModelMove):
+            code = getattr(status, "Status", None)
+            if code is None:
+                return Moved(False, completed, failed,
+                             f"{where} aborted the C-MOVE, or did not answer it within {timeout:g} s: does it know "
+                             f"the node's AE title {our_ae_title} as a move destination, with the node's host and "
+                             "DICOM port? (Orthanc aborts when it does not)")
+            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
+            failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
+            if code in _PENDING:
+                continue
+            if code == 0x0000:
+                return Moved(True, completed, failed, None)
+            if code == 0xB000:
+                return Moved(True, completed, failed, f"{where} could not move {failed} instance(s) (status 0xB000)")
+            words = _MOVE_FAILURES.get(code, "answered with status 0x{code:04X}").format(ours=our_ae_title, code=code)
+            return Moved(False, completed, failed, f"{where} {words}")
+        return Moved(False, completed, failed, f"{where} ended the C-MOVE without a final status")
+    finally:
+        assoc.release()

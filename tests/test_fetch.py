@@ -1,0 +1,123 @@
+"""Pulling studies from a PACS that pushes nothing (issue 12, item 4): `fetch` by accession, by date range and
+modality, or by UID; the node retrieves them by C-MOVE to its own AE, within its window and rate, and routes them
+as pushed studies.  Orthanc is the PACS: it answers the C-FIND and performs the C-MOVE to the node's SCP."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pydicom
+import pytest
+from conftest import storescu
+from orthanc import orthanc_servers
+
+from dicom_ai_node.config import FetchSection
+from dicom_ai_node.fetch.runner import waiting_reason
+from dicom_ai_node.phantoms import CTPhantom, MRPhantom
+
+
+@pytest.fixture
+def orthancs(tmp_path):
+    with orthanc_servers(tmp_path / "pacs") as make:
+        yield make
+
+
+def _study(phantom: CTPhantom, folder, date: str) -> CTPhantom:
+    """The phantom written to `folder`, dated `date`."""
+    for path in phantom.write(folder):
+        dataset = pydicom.dcmread(path)
+        dataset.StudyDate = dataset.SeriesDate = dataset.ContentDate = date
+        dataset.save_as(path)
+    return phantom
+
+
+def _pacs_holding_three_studies(orthancs, node, tmp_path) -> tuple:
+    """Orthanc, knowing the node as a move destination, holding two CT studies and an MR study of January."""
+    pacs = orthancs(modalities={"node": ("AI_NODE", "127.0.0.1", node.port)})
+    grid = dict(slices=6, rows=48, columns=48, pixel_spacing=(8.0, 8.0), slice_spacing=10.0)
+    first = _study(CTPhantom(accession_number="ACC-A", **grid), tmp_path / "a", "20260110")
+    second = _study(CTPhantom(accession_number="ACC-B", **grid), tmp_path / "b", "20260120")
+    mr = _study(MRPhantom(accession_number="ACC-M", **grid), tmp_path / "m", "20260115")
+    for folder in ("a", "b", "m"):
+        assert storescu(pacs.dicom_port, *sorted((tmp_path / folder).iterdir()), called=pacs.aet).returncode == 0
+    return pacs, first, second, mr
+
+
+def _peer(pacs) -> dict:
+    return {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}}
+
+
+def _fetched(node, state: str, count: int) -> list[dict]:
+    return node.wait_for(lambda: (rows := [r for r in node.json("fetches") if r["state"] == state])
+                         and len(rows) >= count and rows, timeout=120, what=f"{count} fetch(es) {state}")
+
+
+def test_fetch_by_accession_then_by_dates_and_modality_routes_what_arrives(node_factory, orthancs, tmp_path):
+    node = node_factory()
+    pacs, first, second, mr = _pacs_holding_three_studies(orthancs, node, tmp_path)
+    node.settings["peers"] = _peer(pacs)
+    node.start()
+
+    answer = node.json("fetch", "pacs", "--accession", "ACC-A")
+    assert [s["study_instance_uid"] for s in answer["found"]] == [first.study_uid] and answer["queued"] == 1
+    assert answer["found"][0]["instances"] == 6
+    (done,) = _fetched(node, "done", 1)
+    assert (done["completed"], done["failed"], done["NumberOfStudyRelatedInstances"]) == (6, 0, 6)
+    series = node.wait_for(lambda: [s for s in node.json("series", first.study_uid) if s["state"] == "routed"],
+                           what="the fetched series routed")
+    assert series[0]["NumberOfSeriesRelatedInstances"] == 6
+
+    january_ct = node.json("fetch", "pacs", "--dates", "20260101-20260131", "--modality", "CT")
+    assert {s["study_instance_uid"] for s in january_ct["found"]} == {first.study_uid, second.study_uid}
+    assert (january_ct["queued"], january_ct["already"]) == (1, 1)  # the first is fetched already
+    _fetched(node, "done", 2)
+    assert node.wait_for(lambda: node.json("series", second.study_uid), what="the second study")
+
+    dry = node.json("fetch", "pacs", "--dates", "20260115", "--dry-run")
+    assert [s["study_instance_uid"] for s in dry["found"]] == [mr.study_uid] and dry["queued"] == 0
+    assert len(node.json("fetches")) == 2
+    kinds = [e["kind"] for e in node.json("events")]
+    assert kinds.count("fetch-requested") == 2 and kinds.count("fetch-done") == 2
+    refused = node.cli("fetch", "pacs", check=False)
+    assert refused.returncode != 0 and "say which studies" in refused.stderr
+
+
+def test_the_rate_limit_holds_the_rest_and_a_peer_that_cannot_move_to_the_node_fails_with_the_fix(
+        node_factory, orthancs, tmp_path):
+    node = node_factory(fetch={"max_studies_per_hour": 1})
+    pacs, first, second, _ = _pacs_holding_three_studies(orthancs, node, tmp_path)
+    # Answers anyone's C-FIND and holds the first study too, but does not know the node as a move destination.
+    stranger = orthancs(settings={"DicomAlwaysAllowFind": True})
+    assert storescu(stranger.dicom_port, *sorted((tmp_path / "a").iterdir()), called=stranger.aet).returncode == 0
+    node.settings["peers"] = {**_peer(pacs), "stranger": {"ae_title": stranger.aet, "host": "127.0.0.1",
+                                                          "port": stranger.dicom_port}}
+    node.start()
+    assert node.json("fetch", "pacs", "--study", first.study_uid, "--study", second.study_uid)["queued"] == 2
+    _fetched(node, "done", 1)
+    status = node.json("status")["fetches"]
+    assert (status["done"], status["queued"]) == (1, 1)
+    assert "waiting: fetch.max_studies_per_hour (1) reached" in node.cli("status").stdout
+
+    node.stop()  # the queued fetch survives a restart, still held by the rate limit
+    node.settings["fetch"] = {}
+    node.start()
+    _fetched(node, "done", 2)
+
+    assert node.json("fetch", "stranger", "--study", first.study_uid, "--again")["queued"] == 1
+    (failed,) = _fetched(node, "failed", 1)
+    assert "know the node's AE title AI_NODE as a move destination" in failed["error"]
+    (event,) = [e for e in node.json("events") if e["kind"] == "fetch-failed"]
+    assert f"dicom-ai-node retry F{failed['id']}" in event["message"]
+    assert "queued again" in node.cli("retry", f"F{failed['id']}").stdout
+
+
+@pytest.mark.parametrize(("window", "clock", "waits"), [
+    ("22:00-06:00", "23:30", False), ("22:00-06:00", "05:59", False), ("22:00-06:00", "06:00", True),
+    ("22:00-06:00", "12:00", True), ("08:00-18:00", "12:00", False), ("08:00-18:00", "18:00", True),
+])
+def test_the_window_may_wrap_midnight(window: str, clock: str, waits: bool):
+    settings = FetchSection(window=window)
+    now = dt.datetime.combine(dt.date(2026, 12, 1), dt.time.fromisoformat(clock))
+    reason = waiting_reason(settings, now, started_last_hour=0)
+    assert (reason is not None) == waits and (not waits or f"outside fetch.window {window}" in reason)
+    assert waiting_reason(FetchSection(max_studies_per_hour=2), now, 2) == "fetch.max_studies_per_hour (2) reached"
