@@ -10,10 +10,14 @@ import pydicom
 import pytest
 from conftest import storescu
 from orthanc import orthanc_servers
+from sqlalchemy import insert, select, update
 
 from dicom_ai_node.config import FetchSection
 from dicom_ai_node.fetch.runner import waiting_reason
 from dicom_ai_node.phantoms import CTPhantom, MRPhantom
+from dicom_ai_node.series.completion import SeriesCompletion
+from dicom_ai_node.store.index import Index
+from dicom_ai_node.store.models import Event, Fetch, Series, Study, utcnow
 
 
 @pytest.fixture
@@ -53,7 +57,8 @@ def _fetched(node, state: str, count: int) -> list[dict]:
 
 
 def test_fetch_by_accession_then_by_dates_and_modality_routes_what_arrives(node_factory, orthancs, tmp_path):
-    node = node_factory()
+    """With a quiet period no test waits for, a fetched series completes when the peer's C-MOVE ends."""
+    node = node_factory(series={"stable_seconds": 3600})
     pacs, first, second, mr = _pacs_holding_three_studies(orthancs, node, tmp_path)
     node.settings["peers"] = _peer(pacs)
     node.start()
@@ -66,6 +71,8 @@ def test_fetch_by_accession_then_by_dates_and_modality_routes_what_arrives(node_
     series = node.wait_for(lambda: [s for s in node.json("series", first.study_uid) if s["state"] == "routed"],
                            what="the fetched series routed")
     assert series[0]["NumberOfSeriesRelatedInstances"] == 6
+    (complete,) = [e for e in node.json("events", "--study", first.study_uid) if e["kind"] == "complete"]
+    assert complete["message"] == "series complete: 6 instance(s), the peer's C-MOVE of the study has ended"
 
     january_ct = node.json("fetch", "pacs", "--dates", "20260101-20260131", "--modality", "CT")
     assert {s["study_instance_uid"] for s in january_ct["found"]} == {first.study_uid, second.study_uid}
@@ -121,3 +128,33 @@ def test_the_window_may_wrap_midnight(window: str, clock: str, waits: bool):
     reason = waiting_reason(settings, now, started_last_hour=0)
     assert (reason is not None) == waits and (not waits or f"outside fetch.window {window}" in reason)
     assert waiting_reason(FetchSection(max_studies_per_hour=2), now, 2) == "fetch.max_studies_per_hour (2) reached"
+
+
+def test_a_series_being_fetched_waits_out_any_pause_and_completes_when_the_move_ends(engine):
+    """A PACS restoring a study from slow storage pauses far longer than the quiet period: while the C-MOVE runs the
+    series waits (and says why); once it has ended the series completes at once, quiet or not."""
+    completion = SeriesCompletion(Index(engine))
+    long_ago = utcnow() - dt.timedelta(hours=1)
+    with engine.begin() as connection:
+        study = connection.execute(insert(Study).values(study_instance_uid="1.2.3")).inserted_primary_key[0]
+        connection.execute(insert(Series).values(
+            study_id=study, series_instance_uid="1.2.3.4", modality="CT", state="receiving", last_received_at=long_ago,
+            first_received_at=long_ago, reprocess_requested=False, late_instances=0, duplicates_received=0))
+        fetch = connection.execute(insert(Fetch).values(
+            peer="pacs", study_instance_uid="1.2.3", asked="accession A", state="fetching", attempts=1,
+            requested_at=long_ago, started_at=long_ago)).inserted_primary_key[0]
+    assert completion.complete_stable_series(stable_seconds=60, refused_wait_seconds=600) == []
+    (series,) = index_series(engine)
+    assert (series.state, series.state_reason) == ("receiving", f"waiting for the C-MOVE of fetch F{fetch} to end")
+    with engine.begin() as connection:
+        connection.execute(update(Fetch).where(Fetch.id == fetch).values(state="done", finished_at=utcnow()))
+    (done,) = completion.complete_stable_series(stable_seconds=3600, refused_wait_seconds=600)
+    assert done.series_instance_uid == "1.2.3.4"
+    with engine.connect() as connection:
+        message = connection.execute(select(Event.message).where(Event.kind == "complete")).scalar_one()
+    assert message.endswith("the peer's C-MOVE of the study has ended")
+
+
+def index_series(engine) -> list:
+    with engine.connect() as connection:
+        return connection.execute(select(Series.state, Series.state_reason)).all()

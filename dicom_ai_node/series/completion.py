@@ -5,6 +5,11 @@ waits for quiet.  The clock is the `last_received_at` column, not memory, so a
 restart in the middle of receiving still completes the series.  Quiet is not
 enough when instances of the series were refused for a transient reason: the
 series waits for their re-send (up to `series.refused_wait_seconds`).
+
+A study the node pulled (`fetch`) has a better signal than quiet: the C-MOVE's
+final response says the peer has sent everything.  While its C-MOVE runs, its
+series do not complete however long the peer pauses (a PACS restoring from slow
+storage); once the C-MOVE has ended, they complete at once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ from sqlalchemy import Engine, Row, exists, func, select, update
 
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.store.index import Index, insert_event
-from dicom_ai_node.store.models import Instance, RefusedInstance, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import (
+    Fetch,
+    FetchState,
+    Instance,
+    RefusedInstance,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 from dicom_ai_node.values import CompletedSeries
 
 log = logging.getLogger(__name__)
@@ -25,6 +39,7 @@ _studies = Study.__table__
 _series = Series.__table__
 _instances = Instance.__table__
 _refused = RefusedInstance.__table__
+_fetches = Fetch.__table__
 
 
 class SeriesCompletion:
@@ -55,21 +70,30 @@ class SeriesCompletion:
             .scalar_subquery()
             .label("instances")
         )
+        columns = (_series.c.id, _series.c.series_instance_uid, _series.c.modality, _series.c.state_reason,
+                   _series.c.reprocess_requested, _series.c.late_instances, _studies.c.study_instance_uid, counts)
         with self.index.engine.connect() as connection:
             candidates = connection.execute(
-                select(
-                    _series.c.id,
-                    _series.c.series_instance_uid,
-                    _series.c.modality,
-                    _series.c.state_reason,
-                    _series.c.reprocess_requested,
-                    _series.c.late_instances,
-                    _studies.c.study_instance_uid,
-                    counts,
-                )
+                select(*columns)
                 .join(_studies, _studies.c.id == _series.c.study_id)
                 .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
             ).all()
+            fetching = dict(connection.execute(
+                select(_fetches.c.study_instance_uid, _fetches.c.id)
+                .where(_fetches.c.state == FetchState.FETCHING.value)
+            ).all())
+            # Series of a study whose C-MOVE ended after their last instance arrived: the peer sent them whole.
+            moved_at = (select(func.max(_fetches.c.finished_at))
+                        .where(_fetches.c.study_instance_uid == _studies.c.study_instance_uid,
+                               _fetches.c.state == FetchState.DONE.value)
+                        .scalar_subquery())
+            moved = connection.execute(
+                select(*columns, moved_at.label("moved_at"))
+                .join(_studies, _studies.c.id == _series.c.study_id)
+                .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at <= moved_at)
+            ).all()
+        ends = {row.id: row.moved_at for row in moved}
+        candidates = [*moved, *(row for row in candidates if row.id not in ends)]
         refusals = self._outstanding_refusals({row.series_instance_uid for row in candidates}) if candidates else {}
         give_up = now - dt.timedelta(seconds=refused_wait_seconds)
         completed = []
@@ -78,14 +102,20 @@ class SeriesCompletion:
             if refused is not None and refused.last_refused_at >= give_up:
                 self._wait_for_refused(row, refused.count, stable_seconds)
                 continue
+            if row.id not in ends and row.study_instance_uid in fetching:
+                self._wait_for_move(row, fetching[row.study_instance_uid], stable_seconds)
+                continue
             missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
+            signal = ("the peer's C-MOVE of the study has ended" if row.id in ends
+                      else f"no new instance for {stable_seconds:g} s")
             with self.index.write_transaction() as connection:
                 changed = connection.execute(
                     update(_series)
                     .where(
                         _series.c.id == row.id,
                         _series.c.state == SeriesState.RECEIVING.value,
-                        _series.c.last_received_at < cutoff,
+                        _series.c.last_received_at <= ends[row.id] if row.id in ends
+                        else _series.c.last_received_at < cutoff,
                     )
                     .values(
                         state=SeriesState.COMPLETE.value,
@@ -111,7 +141,7 @@ class SeriesCompletion:
                 insert_event(
                     connection,
                     EventKind.COMPLETE,
-                    f"series complete: {row.instances} instance(s), no new instance for {stable_seconds:g} s{note}",
+                    f"series complete: {row.instances} instance(s), {signal}{note}",
                     **uids,
                 )
             log.info(
@@ -155,6 +185,26 @@ class SeriesCompletion:
                 .group_by(_refused.c.series_instance_uid)
             ).all()
         return {row.series_instance_uid: row for row in rows}
+
+    def _wait_for_move(self, series: Row, fetch_id: int, stable_seconds: float) -> None:
+        """Say (once) that a quiet series waits for the C-MOVE that brings its study to end."""
+        reason = f"waiting for the C-MOVE of fetch F{fetch_id} to end"
+        if series.state_reason == reason:
+            return
+        with self.index.write_transaction() as connection:
+            connection.execute(
+                update(_series)
+                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
+                .values(state_reason=reason)
+            )
+            insert_event(
+                connection,
+                EventKind.SERIES_WAITING,
+                f"series quiet for {stable_seconds:g} s while its study is being fetched (F{fetch_id}): it completes "
+                "when the peer's C-MOVE ends, however long the peer pauses",
+                study_instance_uid=series.study_instance_uid,
+                series_instance_uid=series.series_instance_uid,
+            )
 
     def _wait_for_refused(self, series: Row, count: int, stable_seconds: float) -> None:
         """Say (once per change) why a quiet series is not complete yet."""
