@@ -11,6 +11,7 @@ import datetime as dt
 import enum
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -652,6 +653,8 @@ def fetch(
     if not (study or accession or patient_id or dates):
         raise NodeError("say which studies: --study, --accession, --patient-id or --dates (a backfill of every "
                         "study on a PACS is not asked for by accident)")
+    if dates and not re.fullmatch(r"\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8}", dates):
+        raise NodeError(f"--dates {dates!r}: give YYYYMMDD or a range YYYYMMDD-YYYYMMDD (either end may be left out)")
     query = StudyQuery(tuple(study or ()), accession, patient_id, dates, modality)
     found = find_studies(settings.node.ae_title, peer, settings.peers[peer], query)
     queued = skipped = 0

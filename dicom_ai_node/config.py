@@ -534,18 +534,22 @@ class WorkersSection(_Section):
 class FetchSection(_Section):
     """How studies asked for with `dicom-ai-node fetch` are retrieved (C-MOVE to the node, one study at a time)."""
 
-    # Only within this daily window of the node's local time, "HH:MM-HH:MM" (it may wrap midnight: "22:00-06:00"
-    # is nights only), so backfills leave the PACS to the day's work; None: any time.
+    # Studies start only within this daily window of the node's local time, "HH:MM-HH:MM" (it may wrap midnight:
+    # "22:00-06:00" is nights only), so backfills leave the PACS to the day's work; None: any time.  A study
+    # started just before the end is moved to its end.
     window: str | None = None
     # At most this many studies started per hour (0: no limit), however many are queued.
     max_studies_per_hour: int = Field(0, ge=0)
-    timeout_seconds: float = Field(3600.0, gt=0)  # for one study's C-MOVE
+    timeout_seconds: float = Field(3600.0, gt=0)  # one study's whole C-MOVE; then aborted and tried again later
 
     @field_validator("window")
     @classmethod
     def _window(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", value):
             raise ValueError("must be HH:MM-HH:MM, e.g. 22:00-06:00")
+        if value is not None and value[:5] == value[6:]:
+            raise ValueError("starts and ends at the same time: no fetch would ever start (leave it unset for any "
+                             "time)")
         return value
 
 

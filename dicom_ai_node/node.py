@@ -216,6 +216,8 @@ class Node:
         grace = self.config.node.shutdown_grace_seconds
         deadline = time.monotonic() + grace
         log.info("stopping: no new associations; up to %.0f s for open associations, jobs and deliveries", grace)
+        # First the fetch: a C-MOVE still running would have its instances refused by the closed SCP.
+        self.fetcher.stop(min(deadline, time.monotonic() + _FAILED_START_STOP_SECONDS))
         self.scp.stop_accepting()
         self._stop.set()
         self.web.stop(deadline)
@@ -225,7 +227,6 @@ class Node:
             process.terminate()  # a worker finishes its current job, then exits
         self.delivery.stop(deadline)
         self.notifier.stop(deadline)
-        self.fetcher.stop(deadline)
         self.scp.drain(deadline)
         for process in self._workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -65,7 +65,7 @@ def test_fetch_by_accession_then_by_dates_and_modality_routes_what_arrives(node_
 
     answer = node.json("fetch", "pacs", "--accession", "ACC-A")
     assert [s["study_instance_uid"] for s in answer["found"]] == [first.study_uid] and answer["queued"] == 1
-    assert answer["found"][0]["instances"] == 6
+    assert (answer["found"][0]["instances"], answer["found"][0]["modalities"]) == (6, "CT")
     (done,) = _fetched(node, "done", 1)
     assert (done["completed"], done["failed"], done["NumberOfStudyRelatedInstances"]) == (6, 0, 6)
     series = node.wait_for(lambda: [s for s in node.json("series", first.study_uid) if s["state"] == "routed"],
@@ -87,6 +87,23 @@ def test_fetch_by_accession_then_by_dates_and_modality_routes_what_arrives(node_
     assert kinds.count("fetch-requested") == 2 and kinds.count("fetch-done") == 2
     refused = node.cli("fetch", "pacs", check=False)
     assert refused.returncode != 0 and "say which studies" in refused.stderr
+    bad_dates = node.cli("fetch", "pacs", "--dates", "2026-01-01", check=False)
+    assert bad_dates.returncode != 0 and "YYYYMMDD-YYYYMMDD" in bad_dates.stderr
+
+
+def test_a_study_the_node_refuses_is_not_done_but_tried_again(node_factory, orthancs, tmp_path):
+    """The node's own SCP refuses the peer (not in dimse.allowed_callers): the peer fails every sub-operation, and
+    the fetch is neither done nor given up at once: it is tried again later, with the reason in `events`."""
+    node = node_factory(dimse={"allowed_callers": [{"ae_title": "STORESCU"}]})
+    pacs, first, _, _ = _pacs_holding_three_studies(orthancs, node, tmp_path)
+    node.settings["peers"] = _peer(pacs)
+    node.start()
+    assert node.json("fetch", "pacs", "--accession", "ACC-A")["queued"] == 1
+    retried = node.wait_for(lambda: [e for e in node.json("events") if e["kind"] == "fetch-failed"], timeout=60,
+                            what="the failed attempt")
+    assert "attempt 1 of 5 failed" in retried[0]["message"] and retried[0]["level"] == "warning"
+    (fetch,) = node.json("fetches")
+    assert fetch["state"] == "queued" and fetch["error"] and not node.json("series", first.study_uid)
 
 
 def test_the_rate_limit_holds_the_rest_and_a_peer_that_cannot_move_to_the_node_fails_with_the_fix(

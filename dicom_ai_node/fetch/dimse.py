@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -58,12 +60,13 @@ class FoundStudy:
 
 @dataclass(frozen=True)
 class Moved:
-    """How a C-MOVE ended: its final status and the peer's sub-operation counts."""
+    """How a C-MOVE ended: done, worth trying again later (`transient`), or not; with the peer's counts."""
 
     ok: bool
     completed: int
     failed: int
-    reason: str | None  # why not ok, or why some failed
+    reason: str | None  # why not ok
+    transient: bool = False  # the peer was unreachable, busy, or cut off: the same request may succeed later
 
 
 def _associate(our_ae_title: str, name: str, peer: Peer, context: str, timeout: float):
@@ -105,12 +108,14 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
                 raise PeerError(f"{where} aborted the C-FIND, or did not answer it within {timeout:g} s (does it "
                                 f"let {our_ae_title} query? Orthanc needs it in DicomModalities)")
             if code in _PENDING and answer is not None and answer.get("StudyInstanceUID"):
-                instances = answer.get("NumberOfStudyRelatedInstances")
+                modalities = answer.get("ModalitiesInStudy")
+                modalities = [modalities] if isinstance(modalities, str) else list(modalities or [])
+                if query.modality and modalities and query.modality not in modalities:
+                    continue  # ModalitiesInStudy is an optional matching key: a peer may ignore it
                 found.append(FoundStudy(
                     str(answer.StudyInstanceUID), str(answer.get("AccessionNumber") or "") or None,
-                    str(answer.get("StudyDate") or "") or None,
-                    "\\".join(answer.get("ModalitiesInStudy") or []) if answer.get("ModalitiesInStudy") else None,
-                    int(instances) if instances not in (None, "") else None))
+                    str(answer.get("StudyDate") or "") or None, "\\".join(modalities) or None,
+                    _number(answer, "NumberOfStudyRelatedInstances")))
             elif code not in _PENDING and code != 0x0000:
                 raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
     finally:
@@ -118,34 +123,75 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
     return found
 
 
-def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, timeout: float) -> Moved:
-    """Ask the peer to C-MOVE the study to the node's own AE title; the instances arrive at the node's SCP."""
+def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, timeout: float,
+               stopping: Callable[[], bool] = lambda: False) -> Moved | None:
+    """Ask the peer to C-MOVE the study to the node's own AE title; the instances arrive at the node's SCP.
+
+    Done only when the peer moved something and nothing failed; a study the peer moved none of (gone since the
+    C-FIND?) or some of (refused by the node's own SCP?) is not.  `timeout` bounds the whole move, not each
+    answer.  None: `stopping()` became true and the move was aborted (the node is stopping; it runs again later).
+    """
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_instance_uid
     try:
         assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelMove, timeout)
     except PeerError as exc:
-        return Moved(False, 0, 0, str(exc))
-    completed = failed = 0
+        return Moved(False, 0, 0, str(exc), transient=True)
+    deadline = time.monotonic() + timeout
+    completed = failed = warned = 0
     try:
         for status, _ in assoc.send_c_move(identifier, our_ae_title, StudyRootQueryRetrieveInformationModelMove):
+            if stopping():
+                assoc.abort()
+                return None
             code = getattr(status, "Status", None)
-            if code is None:
-                return Moved(False, completed, failed,
-                             f"{where} aborted the C-MOVE, or did not answer it within {timeout:g} s: does it know "
-                             f"the node's AE title {our_ae_title} as a move destination, with the node's host and "
-                             "DICOM port? (Orthanc aborts when it does not)")
-            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
-            failed = int(status.get("NumberOfFailedSuboperations", failed) or failed)
+            if code is None:  # pynetdicom's empty status: the association was aborted, or an answer did not come
+                hint = (f": does it know the node's AE title {our_ae_title} as a move destination, with the node's "
+                        "host and DICOM port? (Orthanc aborts when it does not)" if completed == 0 else "")
+                return Moved(False, completed, failed, f"{where} aborted the C-MOVE or stopped answering after "
+                                                       f"{completed} instance(s){hint}", transient=completed > 0)
+            completed = _count(status, "NumberOfCompletedSuboperations", completed)
+            failed = _count(status, "NumberOfFailedSuboperations", failed)
+            warned = _count(status, "NumberOfWarningSuboperations", warned)
             if code in _PENDING:
+                if time.monotonic() > deadline:
+                    assoc.abort()
+                    return Moved(False, completed, failed, f"{where} had moved {completed} instance(s) when "
+                                                           f"fetch.timeout_seconds ({timeout:g} s) ran out",
+                                 transient=True)
                 continue
-            if code == 0x0000:
-                return Moved(True, completed, failed, None)
-            if code == 0xB000:
-                return Moved(True, completed, failed, f"{where} could not move {failed} instance(s) (status 0xB000)")
+            moved = completed + warned
+            if code in (0x0000, 0xB000) and moved and not failed:
+                return Moved(True, moved, 0, None)
+            if code in (0x0000, 0xB000) and not failed:
+                return Moved(False, 0, 0, f"{where} moved nothing: the study may be gone from it since the C-FIND")
+            if code in (0x0000, 0xB000):
+                return Moved(False, moved, failed, f"{where} moved {moved} instance(s) and failed {failed} (refused "
+                                                   "by this node? see: dicom-ai-node events)", transient=True)
             words = _MOVE_FAILURES.get(code, "answered with status 0x{code:04X}").format(ours=our_ae_title, code=code)
-            return Moved(False, completed, failed, f"{where} {words}")
-        return Moved(False, completed, failed, f"{where} ended the C-MOVE without a final status")
+            counts = f" after moving {completed} instance(s) and failing {failed}" if completed or failed else ""
+            # Out of resources, or "unable to process" (Orthanc's answer when this node refused its C-STOREs: a
+            # full disk here passes, a refused AE title needs the config fixed; both are tried again a few times).
+            transient = code in (0xA701, 0xA702) or 0xC000 <= code <= 0xCFFF
+            refused = " (refused by this node? see: dicom-ai-node events)" if 0xC000 <= code <= 0xCFFF else ""
+            return Moved(False, completed, failed, f"{where} {words}{counts}{refused}", transient=transient)
+        return Moved(False, completed, failed, f"{where} ended the C-MOVE without a final status", transient=True)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+
+
+def _number(dataset: Dataset, keyword: str) -> int | None:
+    """An IS or US value the peer sent, or None if it sent none or nonsense."""
+    try:
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _count(status: Dataset, keyword: str, previous: int) -> int:
+    """A sub-operation count from a C-MOVE response; the last one seen if this response has none."""
+    number = _number(status, keyword)
+    return previous if number is None else number

@@ -42,7 +42,7 @@ class FetchRunner:
             self._thread.start()
 
     def stop(self, deadline: float) -> None:
-        """Stop after the study under way (a C-MOVE cut off is queued again at the next start)."""
+        """Abort the C-MOVE under way at its next answer (queued again at the next start) and stop."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -57,10 +57,12 @@ class FetchRunner:
             return False
         peer = self.config.peers.get(fetch.peer)
         if peer is None:
-            moved = Moved(False, 0, 0, f"peer {fetch.peer} is no longer in [peers]")
+            moved: Moved | None = Moved(False, 0, 0, f"peer {fetch.peer} is no longer in [peers]")
         else:
             moved = move_study(self.config.node.ae_title, fetch.peer, peer, fetch.study_instance_uid,
-                               self.config.fetch.timeout_seconds)
+                               self.config.fetch.timeout_seconds, stopping=self._stop.is_set)
+        if moved is None:  # aborted because the node stops: left `fetching`, queued again at the next start
+            return False
         self.queue.record(fetch, moved)
         log.info("fetch F%d of %s from %s: %s", fetch.id, fetch.study_instance_uid, fetch.peer,
                  "done" if moved.ok else f"failed: {moved.reason}")

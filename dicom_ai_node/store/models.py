@@ -79,7 +79,7 @@ class FetchState(str, enum.Enum):
     QUEUED = "queued"  # asked for (`fetch`), waiting for its turn, the window or the rate limit
     FETCHING = "fetching"  # the C-MOVE is under way
     DONE = "done"  # the peer moved every instance it holds (or some failed: counted, reason recorded)
-    FAILED = "failed"  # the peer could not be reached, refused, or moved nothing; `retry F<id>` queues it again
+    FAILED = "failed"  # refused, moved nothing or not all, or still failing after a few tries; `retry F<id>`
 
 
 class DeliveryState(str, enum.Enum):
@@ -347,6 +347,8 @@ class Fetch(Base):
     failed: Mapped[int | None] = mapped_column(Integer)  # instances it could not move
     error: Mapped[str | None] = mapped_column(Text)
     requested_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # Not tried again before this, after a transient failure (peer down, busy, cut off).
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 

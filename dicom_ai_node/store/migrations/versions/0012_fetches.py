@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column('failed', sa.Integer(), nullable=True),
         sa.Column('error', sa.Text(), nullable=True),
         sa.Column('requested_at', sa.DateTime(), nullable=False),
+        sa.Column('next_attempt_at', sa.DateTime(), nullable=False),
         sa.Column('started_at', sa.DateTime(), nullable=True),
         sa.Column('finished_at', sa.DateTime(), nullable=True),
         sa.PrimaryKeyConstraint('id'),
