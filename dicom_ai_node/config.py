@@ -218,6 +218,11 @@ class SeriesSection(_Section):
     # A series with instances refused for a transient reason (0xA700, 0x0110) waits this long after
     # the last refusal for the sender to re-send them, then completes with what it has (warning event).
     refused_wait_seconds: float = Field(3600.0, gt=0)
+    # A quiet series sent by a configured peer (its calling AE title is a [peers] ae_title) is complete only once
+    # the node holds as many instances as the peer says it holds for the series (C-FIND,
+    # NumberOfSeriesRelatedInstances): it waits this long after its last instance for the rest, then completes
+    # with what it has (warning event).  0: quiet alone decides.
+    sender_count_wait_seconds: float = Field(600.0, ge=0)
 
 
 class Peer(_Section):

@@ -5,9 +5,11 @@ as pushed studies.  Orthanc is the PACS: it answers the C-FIND and performs the 
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pydicom
 import pytest
+import requests
 from conftest import storescu
 from orthanc import orthanc_servers
 from sqlalchemy import insert, select, update
@@ -175,3 +177,33 @@ def test_a_series_being_fetched_waits_out_any_pause_and_completes_when_the_move_
 def index_series(engine) -> list:
     with engine.connect() as connection:
         return connection.execute(select(Series.state, Series.state_reason)).all()
+
+
+def test_a_series_its_sending_pacs_holds_more_of_waits_for_the_rest(node_factory, orthancs, tmp_path):
+    """Orthanc, a configured peer, sends half a series and pauses longer than the quiet period: the node asks it
+    (C-FIND, NumberOfSeriesRelatedInstances) and waits; the rest arrives and the series completes, saying why."""
+    node = node_factory()
+    pacs = orthancs(modalities={"node": ("AI_NODE", "127.0.0.1", node.port)})
+    phantom = CTPhantom(slices=6, rows=48, columns=48, pixel_spacing=(8.0, 8.0), slice_spacing=10.0)
+    assert storescu(pacs.dicom_port, *phantom.write(tmp_path / "ct"), called=pacs.aet).returncode == 0
+    node.settings["peers"] = _peer(pacs)
+    node.start()
+    instances = sorted(pacs.get("/instances"))
+
+    def send(ids: list[str]) -> None:
+        answer = requests.post(f"{pacs.url}/modalities/node/store", json={"Resources": ids, "Synchronous": True},
+                               timeout=60)
+        assert answer.status_code == 200, answer.text
+
+    send(instances[:3])
+    waiting = node.wait_for(lambda: [s for s in node.json("series", phantom.study_uid)
+                                     if (s["state_reason"] or "").startswith("waiting for 3 of the 6")],
+                            timeout=30, what="the series waiting for its sender")
+    assert waiting[0]["state"] == "receiving"
+    time.sleep(3)  # longer than the quiet period (2 s): still waiting
+    assert node.json("series", phantom.study_uid)[0]["state"] == "receiving"
+    send(instances[3:])
+    node.wait_for(lambda: node.json("series", phantom.study_uid)[0]["state"] != "receiving", timeout=30,
+                  what="the series complete")
+    (complete,) = [e for e in node.json("events", "--study", phantom.study_uid) if e["kind"] == "complete"]
+    assert complete["message"] == "series complete: 6 instance(s), no new instance for 2 s, and the sender pacs holds 6"

@@ -123,6 +123,31 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
     return found
 
 
+def series_instances(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, series_instance_uid: str,
+                     timeout: float = 10) -> int | None:
+    """How many instances the peer holds for the series (C-FIND, SERIES level, NumberOfSeriesRelatedInstances);
+    None if it does not say."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = study_instance_uid
+    identifier.SeriesInstanceUID = series_instance_uid
+    identifier.NumberOfSeriesRelatedInstances = ""
+    assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelFind, timeout)
+    held = None
+    try:
+        for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise PeerError(f"{where} aborted the C-FIND, or did not answer it within {timeout:g} s")
+            if code in _PENDING and answer is not None:
+                held = _number(answer, "NumberOfSeriesRelatedInstances")
+            elif code not in _PENDING and code != 0x0000:
+                raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
+    finally:
+        assoc.release()
+    return held
+
+
 def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, timeout: float,
                stopping: Callable[[], bool] = lambda: False) -> Moved | None:
     """Ask the peer to C-MOVE the study to the node's own AE title; the instances arrive at the node's SCP.

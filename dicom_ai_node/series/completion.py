@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 from sqlalchemy import Engine, Row, exists, func, select, update
 
+from dicom_ai_node.config import Peer
 from dicom_ai_node.events import EventKind, Level
+from dicom_ai_node.fetch.dimse import PeerError, series_instances
 from dicom_ai_node.store.index import Index, insert_event
 from dicom_ai_node.store.models import (
     Fetch,
@@ -40,6 +43,7 @@ _series = Series.__table__
 _instances = Instance.__table__
 _refused = RefusedInstance.__table__
 _fetches = Fetch.__table__
+_ASK_AGAIN_SECONDS = 10.0  # how often a waiting series' sender is asked again
 
 
 class SeriesCompletion:
@@ -48,8 +52,15 @@ class SeriesCompletion:
     Writes take turns with ingest's through the index's write transaction (SQLite has one writer).
     """
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, peers: dict[str, Peer] | None = None, our_ae_title: str = "AI_NODE",
+                 sender_count_wait_seconds: float = 0.0) -> None:
+        """`peers`: the PACS whose series are complete only once the node holds as many instances as they say they
+        hold, waiting up to `sender_count_wait_seconds` after the last instance (0: quiet alone decides)."""
         self.index = index
+        self.our_ae_title = our_ae_title
+        self.sender_count_wait_seconds = sender_count_wait_seconds
+        self._peers = {peer.ae_title: (name, peer) for name, peer in (peers or {}).items()}
+        self._asked: dict[int, tuple[float, int | None]] = {}  # series id -> (when, what its sender said)
 
     def complete_stable_series(self, stable_seconds: float, refused_wait_seconds: float) -> list[CompletedSeries]:
         """Mark every series with no new instance for `stable_seconds` as complete.
@@ -70,8 +81,11 @@ class SeriesCompletion:
             .scalar_subquery()
             .label("instances")
         )
+        sender = (select(func.min(_instances.c.calling_ae_title)).where(_instances.c.series_id == _series.c.id)
+                  .scalar_subquery().label("sender"))
         columns = (_series.c.id, _series.c.series_instance_uid, _series.c.modality, _series.c.state_reason,
-                   _series.c.reprocess_requested, _series.c.late_instances, _studies.c.study_instance_uid, counts)
+                   _series.c.reprocess_requested, _series.c.late_instances, _series.c.last_received_at,
+                   _studies.c.study_instance_uid, counts, sender)
         with self.index.engine.connect() as connection:
             candidates = connection.execute(
                 select(*columns)
@@ -108,6 +122,18 @@ class SeriesCompletion:
             missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
             signal = ("the peer's C-MOVE of the study has ended" if row.id in ends
                       else f"no new instance for {stable_seconds:g} s")
+            told = None if row.id in ends else self._sender_count(row)
+            if told is not None:
+                name, holds = told
+                if holds > row.instances and now - row.last_received_at < dt.timedelta(
+                        seconds=self.sender_count_wait_seconds):
+                    self._wait_for_sender(row, name, holds)
+                    continue
+                if holds > row.instances:
+                    missing = (f"the sender {name} holds {holds} instance(s) of the series, {holds - row.instances} "
+                               "of which did not arrive within series.sender_count_wait_seconds")
+                signal += f", and the sender {name} holds {holds}"
+            self._asked.pop(row.id, None)
             with self.index.write_transaction() as connection:
                 changed = connection.execute(
                     update(_series)
@@ -129,11 +155,11 @@ class SeriesCompletion:
                 if missing:  # given up: the event keeps the count
                     of_series = _refused.c.series_instance_uid == row.series_instance_uid
                     connection.execute(_refused.delete().where(of_series))
+                    within = "" if told else f" within series.refused_wait_seconds = {refused_wait_seconds:g} s"
                     insert_event(
                         connection,
                         EventKind.SERIES_INCOMPLETE,
-                        f"{missing} within series.refused_wait_seconds = {refused_wait_seconds:g} s: the series "
-                        f"completes with the {row.instances} instance(s) it has",
+                        f"{missing}{within}: the series completes with the {row.instances} instance(s) it has",
                         Level.WARNING,
                         **uids,
                     )
@@ -185,6 +211,44 @@ class SeriesCompletion:
                 .group_by(_refused.c.series_instance_uid)
             ).all()
         return {row.series_instance_uid: row for row in rows}
+
+    def _sender_count(self, series: Row) -> tuple[str, int] | None:
+        """(peer name, instances it holds of the series) when the series came from a configured peer that says;
+        asked at most every _ASK_AGAIN_SECONDS while the series waits.  None: quiet alone decides."""
+        if not self.sender_count_wait_seconds or series.sender not in self._peers:
+            return None
+        name, peer = self._peers[series.sender]
+        asked = self._asked.get(series.id)
+        if asked is None or time.monotonic() - asked[0] >= _ASK_AGAIN_SECONDS:
+            try:
+                holds = series_instances(self.our_ae_title, name, peer, series.study_instance_uid,
+                                         series.series_instance_uid)
+            except PeerError as exc:
+                log.warning("series %s: cannot ask its sender how many instances it holds (%s); quiet decides",
+                            series.series_instance_uid, exc)
+                holds = None
+            asked = self._asked[series.id] = (time.monotonic(), holds)
+        return None if asked[1] is None else (name, asked[1])
+
+    def _wait_for_sender(self, series: Row, name: str, holds: int) -> None:
+        """Say (once per count) that a quiet series waits for instances its sender holds and has not sent."""
+        reason = f"waiting for {holds - series.instances} of the {holds} instance(s) its sender {name} holds"
+        if series.state_reason == reason:
+            return
+        with self.index.write_transaction() as connection:
+            connection.execute(
+                update(_series)
+                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
+                .values(state_reason=reason)
+            )
+            insert_event(
+                connection,
+                EventKind.SERIES_WAITING,
+                f"series quiet, but its sender {name} holds {holds} instance(s) of it and {series.instances} "
+                "arrived: it completes once the rest arrive, or without them after series.sender_count_wait_seconds",
+                study_instance_uid=series.study_instance_uid,
+                series_instance_uid=series.series_instance_uid,
+            )
 
     def _wait_for_move(self, series: Row, fetch_id: int, stable_seconds: float) -> None:
         """Say (once) that a quiet series waits for the C-MOVE that brings its study to end."""
