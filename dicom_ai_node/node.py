@@ -45,7 +45,7 @@ class Node:
         require_current_schema(self.engine, config.source)
         self.index = Index(self.engine)
         self.completion = SeriesCompletion(self.index, config.peers, config.node.ae_title,
-                                           config.series.sender_count_wait_seconds)
+                                           config.series.sender_count_wait_seconds, config.fetch.timeout_seconds)
         self.router = Router(self.engine)
         self.store = InstanceStore(
             config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20

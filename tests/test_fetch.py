@@ -5,6 +5,7 @@ as pushed studies.  Orthanc is the PACS: it answers the C-FIND and performs the 
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import time
 
 import pydicom
@@ -207,3 +208,29 @@ def test_a_series_its_sending_pacs_holds_more_of_waits_for_the_rest(node_factory
                   what="the series complete")
     (complete,) = [e for e in node.json("events", "--study", phantom.study_uid) if e["kind"] == "complete"]
     assert complete["message"] == "series complete: 6 instance(s), no new instance for 2 s, and the sender pacs holds 6"
+
+
+def test_a_sender_that_never_answers_holds_up_no_other_series(node_factory, tmp_path):
+    """The configured peer behind a series accepts connections and never answers (a hung PACS): asking it happens
+    off the stage thread, so another sender's series completes on time; the hung peer's series completes by quiet
+    once the question has failed."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # connections complete in the backlog; nothing ever answers them
+    try:
+        node = node_factory(peers={"hung": {"ae_title": "STORESCU", "host": "127.0.0.1",
+                                            "port": hung.getsockname()[1]}})
+        node.start()
+        grid = dict(slices=4, rows=32, columns=32, pixel_spacing=(8.0, 8.0), slice_spacing=10.0)
+        from_hung, other = CTPhantom(**grid), CTPhantom(**grid)
+        assert storescu(node.port, *from_hung.write(tmp_path / "hung")).returncode == 0
+        sent = time.monotonic()
+        assert storescu(node.port, *other.write(tmp_path / "other"), calling="OTHER").returncode == 0
+        node.wait_for(lambda: node.json("series", other.study_uid)[0]["state"] != "receiving", timeout=8,
+                      what="the other sender's series, complete on time")
+        assert time.monotonic() - sent < 8
+        assert node.json("series", from_hung.study_uid)[0]["state"] == "receiving"
+        node.wait_for(lambda: node.json("series", from_hung.study_uid)[0]["state"] != "receiving", timeout=60,
+                      what="the hung peer's series, complete by quiet once asking it failed")
+    finally:
+        hung.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,10 +69,10 @@ class Moved:
     transient: bool = False  # the peer was unreachable, busy, or cut off: the same request may succeed later
 
 
-def _associate(our_ae_title: str, name: str, peer: Peer, context: str, timeout: float):
+def _associate(our_ae_title: str, name: str, peer: Peer, context: str, timeout: float, connect_seconds: float = 30):
     ae = AE(ae_title=our_ae_title)
     ae.add_requested_context(context)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = connect_seconds
     ae.dimse_timeout = timeout
     where = f"peer {name} ({peer.ae_title}@{peer.host}:{peer.port})"
     try:
@@ -123,29 +123,32 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
     return found
 
 
-def series_instances(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, series_instance_uid: str,
-                     timeout: float = 10) -> int | None:
-    """How many instances the peer holds for the series (C-FIND, SERIES level, NumberOfSeriesRelatedInstances);
-    None if it does not say."""
+def series_counts(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str,
+                  timeout: float = 10) -> dict[str, int]:
+    """Series Instance UID -> how many instances the peer holds of it, for every series of the study it holds
+    (C-FIND, SERIES level, NumberOfSeriesRelatedInstances); series it gives no count for are left out."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
     identifier.StudyInstanceUID = study_instance_uid
-    identifier.SeriesInstanceUID = series_instance_uid
+    identifier.SeriesInstanceUID = ""
     identifier.NumberOfSeriesRelatedInstances = ""
-    assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelFind, timeout)
-    held = None
+    assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelFind, timeout,
+                              connect_seconds=timeout)
+    counts = {}
     try:
         for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = getattr(status, "Status", None)
             if code is None:
                 raise PeerError(f"{where} aborted the C-FIND, or did not answer it within {timeout:g} s")
-            if code in _PENDING and answer is not None:
-                held = _number(answer, "NumberOfSeriesRelatedInstances")
+            if code in _PENDING and answer is not None and answer.get("SeriesInstanceUID"):
+                number = _number(answer, "NumberOfSeriesRelatedInstances")
+                if number is not None:
+                    counts[str(answer.SeriesInstanceUID)] = number
             elif code not in _PENDING and code != 0x0000:
                 raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
     finally:
         assoc.release()
-    return held
+    return counts
 
 
 def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str, timeout: float,
@@ -163,7 +166,10 @@ def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str
         assoc, where = _associate(our_ae_title, name, peer, StudyRootQueryRetrieveInformationModelMove, timeout)
     except PeerError as exc:
         return Moved(False, 0, 0, str(exc), transient=True)
-    deadline = time.monotonic() + timeout
+    # The whole move is bounded: past `timeout` the association is aborted, whatever the peer is doing.
+    out_of_time = threading.Timer(timeout, assoc.abort)
+    out_of_time.daemon = True
+    out_of_time.start()
     completed = failed = warned = 0
     try:
         for status, _ in assoc.send_c_move(identifier, our_ae_title, StudyRootQueryRetrieveInformationModelMove):
@@ -171,6 +177,10 @@ def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str
                 assoc.abort()
                 return None
             code = getattr(status, "Status", None)
+            if code is None and out_of_time.finished.is_set():
+                return Moved(False, completed, failed, f"{where} had moved {completed} instance(s) when "
+                                                       f"fetch.timeout_seconds ({timeout:g} s) ran out",
+                             transient=True)
             if code is None:  # pynetdicom's empty status: the association was aborted, or an answer did not come
                 hint = (f": does it know the node's AE title {our_ae_title} as a move destination, with the node's "
                         "host and DICOM port? (Orthanc aborts when it does not)" if completed == 0 else "")
@@ -180,11 +190,6 @@ def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str
             failed = _count(status, "NumberOfFailedSuboperations", failed)
             warned = _count(status, "NumberOfWarningSuboperations", warned)
             if code in _PENDING:
-                if time.monotonic() > deadline:
-                    assoc.abort()
-                    return Moved(False, completed, failed, f"{where} had moved {completed} instance(s) when "
-                                                           f"fetch.timeout_seconds ({timeout:g} s) ran out",
-                                 transient=True)
                 continue
             moved = completed + warned
             if code in (0x0000, 0xB000) and moved and not failed:
@@ -203,6 +208,7 @@ def move_study(our_ae_title: str, name: str, peer: Peer, study_instance_uid: str
             return Moved(False, completed, failed, f"{where} {words}{counts}{refused}", transient=transient)
         return Moved(False, completed, failed, f"{where} ended the C-MOVE without a final status", transient=True)
     finally:
+        out_of_time.cancel()
         if assoc.is_established:
             assoc.release()
 

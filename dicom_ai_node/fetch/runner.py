@@ -59,8 +59,12 @@ class FetchRunner:
         if peer is None:
             moved: Moved | None = Moved(False, 0, 0, f"peer {fetch.peer} is no longer in [peers]")
         else:
-            moved = move_study(self.config.node.ae_title, fetch.peer, peer, fetch.study_instance_uid,
-                               self.config.fetch.timeout_seconds, stopping=self._stop.is_set)
+            try:
+                moved = move_study(self.config.node.ae_title, fetch.peer, peer, fetch.study_instance_uid,
+                                   self.config.fetch.timeout_seconds, stopping=self._stop.is_set)
+            except Exception as exc:  # pynetdicom raises when the peer aborts between associating and the request
+                log.exception("fetch F%d: the C-MOVE failed", fetch.id)
+                moved = Moved(False, 0, 0, f"peer {fetch.peer}: the C-MOVE failed: {exc!r}", transient=True)
         if moved is None:  # aborted because the node stops: left `fetching`, queued again at the next start
             return False
         self.queue.record(fetch, moved)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from sqlalchemy import Engine, Row, exists, func, select, update
+from sqlalchemy import Engine, Row, and_, exists, func, or_, select, update
 
 from dicom_ai_node.config import Peer
 from dicom_ai_node.events import EventKind, Level
-from dicom_ai_node.fetch.dimse import PeerError, series_instances
+from dicom_ai_node.fetch.dimse import series_counts
 from dicom_ai_node.store.index import Index, insert_event
 from dicom_ai_node.store.models import (
     Fetch,
@@ -44,6 +46,17 @@ _instances = Instance.__table__
 _refused = RefusedInstance.__table__
 _fetches = Fetch.__table__
 _ASK_AGAIN_SECONDS = 10.0  # how often a waiting series' sender is asked again
+_RETRY_HORIZON_SECONDS = 600.0  # the waits between a fetch's attempts, together
+
+
+@dataclass
+class _Asked:
+    """The last C-FIND to a study's sender: when, the answer under way, the last counts it gave."""
+
+    at: float
+    answer: Future
+    counts: dict[str, int] | None
+    failed: bool = False  # it never answered: quiet decides for the study
 
 
 class SeriesCompletion:
@@ -53,14 +66,20 @@ class SeriesCompletion:
     """
 
     def __init__(self, index: Index, peers: dict[str, Peer] | None = None, our_ae_title: str = "AI_NODE",
-                 sender_count_wait_seconds: float = 0.0) -> None:
+                 sender_count_wait_seconds: float = 0.0, fetch_timeout_seconds: float = 3600.0) -> None:
         """`peers`: the PACS whose series are complete only once the node holds as many instances as they say they
-        hold, waiting up to `sender_count_wait_seconds` after the last instance (0: quiet alone decides)."""
+        hold, waiting up to `sender_count_wait_seconds` after the last instance (0: quiet alone decides).
+        `fetch_timeout_seconds`: a fetch's C-MOVE ends by then, so its study's series wait no longer than twice it.
+        """
         self.index = index
         self.our_ae_title = our_ae_title
         self.sender_count_wait_seconds = sender_count_wait_seconds
+        self.fetch_wait = dt.timedelta(seconds=2 * fetch_timeout_seconds + _RETRY_HORIZON_SECONDS)
         self._peers = {peer.ae_title: (name, peer) for name, peer in (peers or {}).items()}
-        self._asked: dict[int, tuple[float, int | None]] = {}  # series id -> (when, what its sender said)
+        # The senders are asked off the stage thread (a PACS that does not answer must not hold up the completion
+        # and routing of every other series), once per study, and again every _ASK_AGAIN_SECONDS while it waits.
+        self._askers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sender-count")
+        self._asked: dict[str, _Asked] = {}  # study UID -> the last question and answer
 
     def complete_stable_series(self, stable_seconds: float, refused_wait_seconds: float) -> list[CompletedSeries]:
         """Mark every series with no new instance for `stable_seconds` as complete.
@@ -92,22 +111,27 @@ class SeriesCompletion:
                 .join(_studies, _studies.c.id == _series.c.study_id)
                 .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at < cutoff)
             ).all()
+            # Fetches under way, or between attempts after a transient failure, started recently enough.
             fetching = dict(connection.execute(
                 select(_fetches.c.study_instance_uid, _fetches.c.id)
-                .where(_fetches.c.state == FetchState.FETCHING.value)
+                .where(or_(_fetches.c.state == FetchState.FETCHING.value,
+                           and_(_fetches.c.state == FetchState.QUEUED.value, _fetches.c.attempts > 0)),
+                       _fetches.c.started_at >= now - self.fetch_wait)
             ).all())
-            # Series of a study whose C-MOVE ended after their last instance arrived: the peer sent them whole.
-            moved_at = (select(func.max(_fetches.c.finished_at))
-                        .where(_fetches.c.study_instance_uid == _studies.c.study_instance_uid,
-                               _fetches.c.state == FetchState.DONE.value)
-                        .scalar_subquery())
+            # Series that began arriving during a C-MOVE of their study, and were last added to before it ended:
+            # the peer sent them whole.  (A series another sender pushed before the move is not one of them.)
             moved = connection.execute(
-                select(*columns, moved_at.label("moved_at"))
+                select(*columns, _fetches.c.finished_at.label("moved_at"))
                 .join(_studies, _studies.c.id == _series.c.study_id)
-                .where(_series.c.state == SeriesState.RECEIVING.value, _series.c.last_received_at <= moved_at)
+                .join(_fetches, _fetches.c.study_instance_uid == _studies.c.study_instance_uid)
+                .where(_series.c.state == SeriesState.RECEIVING.value, _fetches.c.state == FetchState.DONE.value,
+                       _series.c.first_received_at >= _fetches.c.started_at,
+                       _series.c.last_received_at <= _fetches.c.finished_at)
             ).all()
         ends = {row.id: row.moved_at for row in moved}
+        moved = list({row.id: row for row in moved}.values())
         candidates = [*moved, *(row for row in candidates if row.id not in ends)]
+        self._forget_studies_not_in(candidates)
         refusals = self._outstanding_refusals({row.series_instance_uid for row in candidates}) if candidates else {}
         give_up = now - dt.timedelta(seconds=refused_wait_seconds)
         completed = []
@@ -119,21 +143,22 @@ class SeriesCompletion:
             if row.id not in ends and row.study_instance_uid in fetching:
                 self._wait_for_move(row, fetching[row.study_instance_uid], stable_seconds)
                 continue
-            missing = f"{refused.count} refused instance(s) were not re-sent" if refused is not None else None
+            missing = (f"{refused.count} refused instance(s) were not re-sent within series.refused_wait_seconds = "
+                       f"{refused_wait_seconds:g} s" if refused is not None else None)
             signal = ("the peer's C-MOVE of the study has ended" if row.id in ends
                       else f"no new instance for {stable_seconds:g} s")
             told = None if row.id in ends else self._sender_count(row)
+            in_time = now - row.last_received_at < dt.timedelta(seconds=self.sender_count_wait_seconds)
             if told is not None:
                 name, holds = told
-                if holds > row.instances and now - row.last_received_at < dt.timedelta(
-                        seconds=self.sender_count_wait_seconds):
+                if (holds is None or holds > row.instances) and in_time:
                     self._wait_for_sender(row, name, holds)
                     continue
-                if holds > row.instances:
-                    missing = (f"the sender {name} holds {holds} instance(s) of the series, {holds - row.instances} "
-                               "of which did not arrive within series.sender_count_wait_seconds")
-                signal += f", and the sender {name} holds {holds}"
-            self._asked.pop(row.id, None)
+                if holds is not None and holds > row.instances:
+                    missing = (f"its sender {name} holds {holds} instance(s) of the series, and {holds - row.instances}"
+                               " of them were not stored here within series.sender_count_wait_seconds (not sent, or "
+                               "refused: see the series' events)")
+                signal += f", and the sender {name} holds {holds}" if holds is not None else ""
             with self.index.write_transaction() as connection:
                 changed = connection.execute(
                     update(_series)
@@ -155,11 +180,10 @@ class SeriesCompletion:
                 if missing:  # given up: the event keeps the count
                     of_series = _refused.c.series_instance_uid == row.series_instance_uid
                     connection.execute(_refused.delete().where(of_series))
-                    within = "" if told else f" within series.refused_wait_seconds = {refused_wait_seconds:g} s"
                     insert_event(
                         connection,
                         EventKind.SERIES_INCOMPLETE,
-                        f"{missing}{within}: the series completes with the {row.instances} instance(s) it has",
+                        f"{missing}: the series completes with the {row.instances} instance(s) it has",
                         Level.WARNING,
                         **uids,
                     )
@@ -212,27 +236,41 @@ class SeriesCompletion:
             ).all()
         return {row.series_instance_uid: row for row in rows}
 
-    def _sender_count(self, series: Row) -> tuple[str, int] | None:
-        """(peer name, instances it holds of the series) when the series came from a configured peer that says;
-        asked at most every _ASK_AGAIN_SECONDS while the series waits.  None: quiet alone decides."""
+    def _sender_count(self, series: Row) -> tuple[str, int | None] | None:
+        """(peer name, instances it holds of the series; None while it has not answered yet) when the series came
+        from a configured peer; None when quiet alone decides (no such peer, or it never answered)."""
         if not self.sender_count_wait_seconds or series.sender not in self._peers:
             return None
         name, peer = self._peers[series.sender]
-        asked = self._asked.get(series.id)
-        if asked is None or time.monotonic() - asked[0] >= _ASK_AGAIN_SECONDS:
+        asked = self._asked.get(series.study_instance_uid)
+        if asked is not None and asked.answer.done() and not asked.failed:
             try:
-                holds = series_instances(self.our_ae_title, name, peer, series.study_instance_uid,
-                                         series.series_instance_uid)
-            except PeerError as exc:
-                log.warning("series %s: cannot ask its sender how many instances it holds (%s); quiet decides",
-                            series.series_instance_uid, exc)
-                holds = None
-            asked = self._asked[series.id] = (time.monotonic(), holds)
-        return None if asked[1] is None else (name, asked[1])
+                asked.counts = asked.answer.result()
+            except Exception as exc:  # a peer that cannot answer leaves its last answer, or quiet, to decide
+                asked.failed = asked.counts is None
+                if asked.failed:
+                    log.warning("study %s: cannot ask its sender %s how many instances it holds (%s); quiet "
+                                "decides", series.study_instance_uid, name, exc)
+        if asked is not None and asked.failed:
+            return None
+        if asked is None or (asked.answer.done() and time.monotonic() - asked.at >= _ASK_AGAIN_SECONDS):
+            answer = self._askers.submit(series_counts, self.our_ae_title, name, peer, series.study_instance_uid)
+            asked = self._asked[series.study_instance_uid] = _Asked(time.monotonic(), answer,
+                                                                    asked.counts if asked else None)
+        if asked.counts is None:
+            return name, None  # the first question is under way
+        holds = asked.counts.get(series.series_instance_uid)
+        return None if holds is None else (name, holds)
 
-    def _wait_for_sender(self, series: Row, name: str, holds: int) -> None:
+    def _forget_studies_not_in(self, candidates: list[Row]) -> None:
+        waiting = {row.study_instance_uid for row in candidates}
+        for study in [study for study in self._asked if study not in waiting]:
+            del self._asked[study]
+
+    def _wait_for_sender(self, series: Row, name: str, holds: int | None) -> None:
         """Say (once per count) that a quiet series waits for instances its sender holds and has not sent."""
-        reason = f"waiting for {holds - series.instances} of the {holds} instance(s) its sender {name} holds"
+        reason = (f"asking its sender {name} how many instances it holds" if holds is None else
+                  f"waiting for {holds - series.instances} of the {holds} instance(s) its sender {name} holds")
         if series.state_reason == reason:
             return
         with self.index.write_transaction() as connection:
@@ -241,6 +279,8 @@ class SeriesCompletion:
                 .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
                 .values(state_reason=reason)
             )
+            if holds is None:
+                return
             insert_event(
                 connection,
                 EventKind.SERIES_WAITING,
