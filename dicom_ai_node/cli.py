@@ -772,30 +772,23 @@ def retry(
     if target is None:
         raise NodeError("say what to retry: J<id>, D<id>, N<id>, F<id> or --all-failed")
     kind, number = _parse_id(target)
-    if kind == "fetch":
-        if not FetchQueue(engine).retry(number):
-            if not _exists(engine, Fetch, number):
-                raise NodeError(f"no fetch {number} (see: dicom-ai-node fetches)")
-            raise NodeError(f"fetch {number} is not failed (see: dicom-ai-node fetches)")
-        console.print(f"fetch {number} queued again")
-    elif kind == "notification":
-        if not calls.retry(number):
-            if not _exists(engine, Notification, number):
-                raise NodeError(f"no webhook call {number} (see: dicom-ai-node notifications)")
-            raise NodeError(f"webhook call {number} is not failed or dead (see: dicom-ai-node notifications)")
-        console.print(f"webhook call {number} will be made again now")
-    elif kind == "job":
-        if not jobs_queue.retry(number):
-            if not _exists(engine, Job, number):
-                raise NodeError(f"no job {number} (see: dicom-ai-node jobs)")
-            raise NodeError(f"job {number} is not failed, skipped or cancelled (see: dicom-ai-node job show {number})")
-        console.print(f"job {number} queued again")
-    else:
-        if not delivery_queue.retry(number):
-            if not _exists(engine, Delivery, number):
-                raise NodeError(f"no delivery {number} (see: dicom-ai-node deliveries)")
-            raise NodeError(f"delivery {number} is not failed or dead (see: dicom-ai-node deliveries)")
-        console.print(f"delivery {number} will be sent again now")
+    # kind -> (retry it, its table, what it is called, its listing, where to look at one, which states can be
+    # retried, what happens now)
+    retryable = {
+        "job": (jobs_queue.retry, Job, "job", "jobs", f"job show {number}", "failed, skipped or cancelled",
+                "queued again"),
+        "delivery": (delivery_queue.retry, Delivery, "delivery", "deliveries", "deliveries", "failed or dead",
+                     "will be sent again now"),
+        "notification": (calls.retry, Notification, "webhook call", "notifications", "notifications",
+                         "failed or dead", "will be made again now"),
+        "fetch": (FetchQueue(engine).retry, Fetch, "fetch", "fetches", "fetches", "failed", "queued again"),
+    }
+    retry_one, table, what, listing, look, states, done = retryable[kind]
+    if not retry_one(number):
+        if not _exists(engine, table, number):
+            raise NodeError(f"no {what} {number} (see: dicom-ai-node {listing})")
+        raise NodeError(f"{what} {number} is not {states} (see: dicom-ai-node {look})")
+    console.print(f"{what} {number} {done}")
 
 
 def _exists(engine, table: type[Job] | type[Delivery] | type[Notification] | type[Fetch], row_id: int) -> bool:

@@ -268,51 +268,28 @@ class SeriesCompletion:
             del self._asked[study]
 
     def _wait_for_sender(self, series: Row, name: str, holds: int | None) -> None:
-        """Say (once per count) that a quiet series waits for instances its sender holds and has not sent."""
-        reason = (f"asking its sender {name} how many instances it holds" if holds is None else
-                  f"waiting for {holds - series.instances} of the {holds} instance(s) its sender {name} holds")
-        if series.state_reason == reason:
+        if holds is None:  # the first question is under way: shown in `series`, not worth an event
+            self._wait(series, f"asking its sender {name} how many instances it holds", None)
             return
-        with self.index.write_transaction() as connection:
-            connection.execute(
-                update(_series)
-                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
-                .values(state_reason=reason)
-            )
-            if holds is None:
-                return
-            insert_event(
-                connection,
-                EventKind.SERIES_WAITING,
-                f"series quiet, but its sender {name} holds {holds} instance(s) of it and {series.instances} "
-                "arrived: it completes once the rest arrive, or without them after series.sender_count_wait_seconds",
-                study_instance_uid=series.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-            )
+        self._wait(series, f"waiting for {holds - series.instances} of the {holds} instance(s) its sender {name} holds",
+                   f"series quiet, but its sender {name} holds {holds} instance(s) of it and {series.instances} "
+                   "arrived: it completes once the rest arrive, or without them after "
+                   "series.sender_count_wait_seconds")
 
     def _wait_for_move(self, series: Row, fetch_id: int, stable_seconds: float) -> None:
-        """Say (once) that a quiet series waits for the C-MOVE that brings its study to end."""
-        reason = f"waiting for the C-MOVE of fetch F{fetch_id} to end"
-        if series.state_reason == reason:
-            return
-        with self.index.write_transaction() as connection:
-            connection.execute(
-                update(_series)
-                .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
-                .values(state_reason=reason)
-            )
-            insert_event(
-                connection,
-                EventKind.SERIES_WAITING,
-                f"series quiet for {stable_seconds:g} s while its study is being fetched (F{fetch_id}): it completes "
-                "when the peer's C-MOVE ends, however long the peer pauses",
-                study_instance_uid=series.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-            )
+        self._wait(series, f"waiting for the C-MOVE of fetch F{fetch_id} to end",
+                   f"series quiet for {stable_seconds:g} s while its study is being fetched (F{fetch_id}): it "
+                   "completes when the peer's C-MOVE ends, however long the peer pauses")
 
     def _wait_for_refused(self, series: Row, count: int, stable_seconds: float) -> None:
-        """Say (once per change) why a quiet series is not complete yet."""
-        reason = f"waiting for {count} refused instance(s) to be re-sent"
+        self._wait(series, f"waiting for {count} refused instance(s) to be re-sent",
+                   f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
+                   "a processing failure) and not sent again; it completes once they arrive, or without them after "
+                   "series.refused_wait_seconds", Level.WARNING)
+
+    def _wait(self, series: Row, reason: str, message: str | None, level: Level = Level.INFO) -> None:
+        """Say (once per change of `reason`) why a quiet series is not complete yet: in `series` and, with
+        `message`, in a `series-waiting` event."""
         if series.state_reason == reason:
             return
         with self.index.write_transaction() as connection:
@@ -321,16 +298,10 @@ class SeriesCompletion:
                 .where(_series.c.id == series.id, _series.c.state == SeriesState.RECEIVING.value)
                 .values(state_reason=reason)
             )
-            insert_event(
-                connection,
-                EventKind.SERIES_WAITING,
-                f"series quiet for {stable_seconds:g} s, but {count} of its instance(s) were refused (disk full or "
-                "a processing failure) and not sent again; it completes once they arrive, or without them after "
-                "series.refused_wait_seconds",
-                Level.WARNING,
-                study_instance_uid=series.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-            )
+            if message is not None:
+                insert_event(connection, EventKind.SERIES_WAITING, message, level,
+                             study_instance_uid=series.study_instance_uid,
+                             series_instance_uid=series.series_instance_uid)
 
 
 def refused_waiting(engine: Engine) -> tuple[int, int]:
