@@ -11,11 +11,15 @@ import time
 import pydicom
 import pytest
 import requests
-from conftest import storescu
+from conftest import free_port, storescu
 from orthanc import orthanc_servers
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import insert, select, update
 
-from dicom_ai_node.config import FetchSection
+from dicom_ai_node.config import FetchSection, Peer
+from dicom_ai_node.fetch.dimse import PeerError, StudyQuery, find_studies
 from dicom_ai_node.fetch.runner import waiting_reason
 from dicom_ai_node.phantoms import CTPhantom, MRPhantom
 from dicom_ai_node.series.completion import SeriesCompletion
@@ -234,3 +238,30 @@ def test_a_sender_that_never_answers_holds_up_no_other_series(node_factory, tmp_
                       what="the hung peer's series, complete by quiet once asking it failed")
     finally:
         hung.close()
+
+
+def test_a_peer_that_answers_with_its_whole_archive_is_cut_off_and_asked_to_narrow():
+    """A C-FIND answer past the limit is not kept growing in memory: the association is aborted and the admin is
+    asked for a narrower query; the peer (and the next question) are served as before."""
+
+    def answers(event):
+        for number in range(30):
+            match = Dataset()
+            match.QueryRetrieveLevel = "STUDY"
+            match.StudyInstanceUID = f"1.2.3.{number}"
+            match.NumberOfStudyRelatedInstances = number
+            yield 0xFF00, match
+
+    ae = AE(ae_title="ARCHIVE")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, answers)])
+    try:
+        peer = Peer(ae_title="ARCHIVE", host="127.0.0.1", port=port)
+        query = StudyQuery(study_date="20000101-20261231")
+        with pytest.raises(PeerError, match="more than 25 studies matching dates 20000101-20261231: narrow"):
+            find_studies("AI_NODE", "archive", peer, query, limit=25)
+        found = find_studies("AI_NODE", "archive", peer, query, limit=100)
+        assert [study.instances for study in found] == list(range(30))
+    finally:
+        server.shutdown()

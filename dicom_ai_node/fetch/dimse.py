@@ -17,6 +17,7 @@ from dicom_ai_node.config import Peer
 from dicom_ai_node.errors import NodeError
 
 _PENDING = (0xFF00, 0xFF01)
+MAX_MATCHES = 10_000  # answers kept from one C-FIND: memory stays bounded whatever a peer sends
 # PS3.4 C.4.2.1.5: the C-MOVE failures an admin can act on, in their words.
 _MOVE_FAILURES = {
     0xA801: "does not know the node's AE title {ours} as a move destination: add it, with the node's host and "
@@ -89,8 +90,10 @@ def _associate(our_ae_title: str, name: str, peer: Peer, context: str, timeout: 
     return assoc, where
 
 
-def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, timeout: float = 60) -> list[FoundStudy]:
-    """The studies the peer holds that match `query` (C-FIND, Study Root, STUDY level)."""
+def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, timeout: float = 60,
+                 limit: int = MAX_MATCHES) -> list[FoundStudy]:
+    """The studies the peer holds that match `query` (C-FIND, Study Root, STUDY level); more than `limit` is an
+    error that asks for a narrower query (a PACS answers a wide date range with its whole archive)."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = "\\".join(query.study_instance_uids)
@@ -112,6 +115,10 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
                 modalities = [modalities] if isinstance(modalities, str) else list(modalities or [])
                 if query.modality and modalities and query.modality not in modalities:
                     continue  # ModalitiesInStudy is an optional matching key: a peer may ignore it
+                if len(found) == limit:
+                    assoc.abort()
+                    raise PeerError(f"{where} has more than {limit} studies matching {query.describe()}: narrow the "
+                                    "query (a shorter --dates range, --modality)")
                 found.append(FoundStudy(
                     str(answer.StudyInstanceUID), str(answer.get("AccessionNumber") or "") or None,
                     str(answer.get("StudyDate") or "") or None, "\\".join(modalities) or None,
@@ -119,7 +126,8 @@ def find_studies(our_ae_title: str, name: str, peer: Peer, query: StudyQuery, ti
             elif code not in _PENDING and code != 0x0000:
                 raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return found
 
 
@@ -142,7 +150,7 @@ def series_counts(our_ae_title: str, name: str, peer: Peer, study_instance_uid: 
                 raise PeerError(f"{where} aborted the C-FIND, or did not answer it within {timeout:g} s")
             if code in _PENDING and answer is not None and answer.get("SeriesInstanceUID"):
                 number = _number(answer, "NumberOfSeriesRelatedInstances")
-                if number is not None:
+                if number is not None and len(counts) < MAX_MATCHES:  # a study of more series is no study
                     counts[str(answer.SeriesInstanceUID)] = number
             elif code not in _PENDING and code != 0x0000:
                 raise PeerError(f"{where} answered the C-FIND with status 0x{code:04X}")
