@@ -574,9 +574,14 @@ def list_fetches(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
 
 
 def fetch_counts(engine: Engine) -> dict[str, int]:
+    return _counts_by_state(engine, Fetch.state, FetchState)
+
+
+def _counts_by_state(engine: Engine, state: Any, states: Any) -> dict[str, int]:
+    """How many rows are in each of `states` (an enum of the values the `state` column takes), zeros included."""
     with engine.connect() as connection:
-        counts = dict(connection.execute(select(Fetch.state, func.count()).group_by(Fetch.state)).all())
-    return {state.value: counts.get(state.value, 0) for state in FetchState}
+        counts = dict(connection.execute(select(state, func.count()).group_by(state)).all())
+    return {member.value: counts.get(member.value, 0) for member in states}
 
 
 def list_notifications(engine: Engine, limit: int = 200) -> list[dict[str, Any]]:
@@ -611,9 +616,7 @@ def list_notifications(engine: Engine, limit: int = 200) -> list[dict[str, Any]]
 
 
 def notification_counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as connection:
-        counts = dict(connection.execute(select(Notification.state, func.count()).group_by(Notification.state)).all())
-    return {state.value: counts.get(state.value, 0) for state in DeliveryState}
+    return _counts_by_state(engine, Notification.state, DeliveryState)
 
 
 def delivery_counts(engine: Engine) -> dict[str, Any]:
