@@ -376,6 +376,51 @@ def series(
 
 @app.command()
 @_plain_errors
+def roles(
+    study_uid: Annotated[
+        str, typer.Argument(help="Study Instance UID, or its start if no other study's starts alike (see: studies).")
+    ],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A study on each study route: the series that fill its roles, the roles missing and why each series does
+    not fill them, and what was decided."""
+    from dicom_ai_node.routing.study import StudyRouter, study_roles
+
+    settings = load_config(config)
+    engine = _engine(settings)
+    study_uid = _study_uid(engine, study_uid)
+    shown = study_roles(StudyRouter(engine, settings.storage.path), settings, study_uid)
+    if as_json:
+        _print_json(shown)
+        return
+    if not shown:
+        console.print('no study routes are configured (routes with unit = "study" and inputs)')
+        return
+    for route in shown:
+        console.print(Text.assemble(("route ", "bold"), (route["route"], "bold"), ": ",
+                                    _state_text(route["state"]), f" (run {route['runs']} time(s))"))
+        if route["reason"]:
+            console.print(Padding(_text(route["reason"], "dim"), (0, 0, 0, 2)))
+        if route["arriving"]:
+            console.print(Padding(_text(f"{len(route['arriving'])} series of the study still arriving", "yellow"),
+                                  (0, 0, 0, 2)))
+        for role in route["roles"]:
+            if role["series"]:
+                line = Text.assemble((f"  {role['role']}: ", "green"), role["series"])
+                if role["other_candidates"]:
+                    line.append(f" (preferred over {len(role['other_candidates'])} other(s))", style="dim")
+                if role["ran_on"] and role["ran_on"] != role["SeriesInstanceUID"]:
+                    line.append(f" (its jobs ran on {role['ran_on']})", style="yellow")
+                console.print(line, soft_wrap=True)
+                continue
+            console.print(Text.assemble((f"  {role['role']}: missing", "bold red")))
+            for series_words, why in role["why_not"].items():
+                console.print(Text(f"    {series_words}: {why}", style="dim"), soft_wrap=True)
+
+
+@app.command()
+@_plain_errors
 def events(
     config: ConfigOption = None,
     study: Annotated[

@@ -282,6 +282,19 @@ class _ModelFromFile(ModelConfig):
     # A detector's findings scored below this are left out of the report (detectors return many low-scored boxes
     # for their evaluation, e.g. MONAI's lung nodule detector down to 0.02).
     min_score: float = Field(0.5, ge=0.0, le=1.0)
+    # For a study route: the roles (its route's `inputs`) the network reads, one input channel each in this order,
+    # every role's series resampled onto the first one's grid (results lie on it).  Empty: one series.
+    inputs: list[str] = []
+    # Roles it can run without (their channel is zeros), when its route processes a study with roles missing.
+    optional_inputs: list[str] = []
+
+    @model_validator(mode="after")
+    def _optional_inputs(self) -> _ModelFromFile:
+        if unknown := [role for role in self.optional_inputs if role not in self.inputs]:
+            raise ValueError(f"optional_inputs {unknown} are not among its inputs {self.inputs}")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError("inputs name a role twice")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -332,22 +345,28 @@ AnyModelConfig = Annotated[BuiltinModelConfig | MonaiBundleConfig | TorchScriptC
 PriorityName = Literal["stat", "high", "routine", "low"]  # store.models.Priority by name
 
 
-class RouteConfig(_Section):
-    """Which series go to which models; routes are tried in order, the first match wins."""
+MsRange = tuple[float, float]  # an inclusive range, low to high
 
-    name: str
-    modality: str
+
+class SeriesRule(_Section):
+    """Header conditions a series must meet, each only when set: what a series route and a study route's role
+    share."""
+
     body_part_examined: str | None = None
     series_description: str | None = None  # regular expression, searched case-insensitively
     image_type_contains: str | None = None
     sop_class_uids: list[str] = []
     min_slices: int = Field(1, ge=1)
-    models: list[str] = Field(min_length=1)
-    destinations: list[str] = []
-    # How urgent its jobs are (and their results' deliveries): workers take stat, then high, routine, low; the
-    # oldest first within each.  `dicom-ai-node prioritize STUDY` overrides it for one study.
-    priority: PriorityName = "routine"
-    notify: list[str] = []  # names in [webhooks], told when results are delivered or a job fails
+    # MR sequence attributes (PS3.3 C.8.3.1): ScanningSequence (0018,0020) and SequenceVariant (0018,0021) must
+    # hold every code listed (e.g. ["IR"] for an inversion recovery such as FLAIR, ["SE"]); EchoTime,
+    # RepetitionTime and InversionTime (0018,0081/0080/0082) must lie in [low, high] ms; `contrast` True wants a
+    # ContrastBolusAgent (0018,0010), False wants none.
+    scanning_sequence: list[str] = []
+    sequence_variant: list[str] = []
+    echo_time: MsRange | None = None
+    repetition_time: MsRange | None = None
+    inversion_time: MsRange | None = None
+    contrast: bool | None = None
 
     @field_validator("series_description")
     @classmethod
@@ -358,6 +377,61 @@ class RouteConfig(_Section):
             except re.error as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return value
+
+    @field_validator("echo_time", "repetition_time", "inversion_time")
+    @classmethod
+    def _range(cls, value: MsRange | None) -> MsRange | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError("a range is [low, high], low first")
+        return value
+
+    @field_validator("scanning_sequence", "sequence_variant")
+    @classmethod
+    def _codes(cls, value: list[str]) -> list[str]:
+        return [code.strip().upper() for code in value]
+
+
+class RoleConfig(SeriesRule):
+    """One series a study route's model reads (T1, FLAIR, the CT of a PET/CT ...).  Its modality is the route's
+    unless it names its own; when several series of the study match, `prefer` picks one: the latest acquired
+    (a repeated sequence), the one with most slices, or the one with the thinnest slices."""
+
+    modality: str | None = None
+    prefer: Literal["latest", "most_slices", "thinnest_slices"] = "latest"
+
+
+class RouteConfig(SeriesRule):
+    """Which series (or studies) go to which models; series routes are tried in order, the first match wins.
+
+    A study route (`unit = "study"`) names the series its models read by role (`inputs`): one job per study and
+    model, with the series of every role.  Its conditions apply to every role, each role adds its own."""
+
+    name: str
+    modality: str
+    unit: Literal["series", "study"] = "series"
+    inputs: dict[str, RoleConfig] = {}
+    # A study route's roles still missing `study_wait_seconds` after the study's last series completed: "skip"
+    # the study (the reason recorded), "process" it without them (only if every model lists them in its
+    # optional_inputs) or "wait" for them (said once; a late series is still processed).
+    missing_role: Literal["skip", "process", "wait"] = "skip"
+    study_wait_seconds: float = Field(600.0, gt=0)
+    models: list[str] = Field(min_length=1)
+    destinations: list[str] = []
+    # How urgent its jobs are (and their results' deliveries): workers take stat, then high, routine, low; the
+    # oldest first within each.  `dicom-ai-node prioritize STUDY` overrides it for one study.
+    priority: PriorityName = "routine"
+    notify: list[str] = []  # names in [webhooks], told when results are delivered or a job fails
+
+    @model_validator(mode="after")
+    def _unit(self) -> RouteConfig:
+        if self.unit == "study" and not self.inputs:
+            raise ValueError("a study route names the series its models read: inputs = { role = { ... } }")
+        if self.unit == "series" and self.inputs:
+            raise ValueError('inputs are for study routes: add unit = "study"')
+        for role in self.inputs:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", role):
+                raise ValueError(f"inputs.{role}: role names use letters, digits, '-' and '_'")
+        return self
 
 
 # What a destination may receive, and the kind of result object (`result_objects.kind`) each is.
@@ -704,11 +778,15 @@ class Config(_Section):
         for name in self.sources:
             if len(name) > 16:  # pulled instances record it as their sender's AE title
                 raise ValueError(f"sources.{name}: at most 16 characters")
+        names = [route.name for route in self.routes]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"routes: each route needs its own name ({', '.join(twice)} named twice)")
         for index, route in enumerate(self.routes):
             for model in route.models:
                 if model not in self.models:
                     known = ", ".join(sorted(self.models)) or "none"
                     raise ValueError(f"routes.{index}.models: no model named {model!r} in [models] (known: {known})")
+            self._check_inputs(index, route)
             for destination in route.destinations:
                 if destination != "origin" and destination not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none"
@@ -722,6 +800,31 @@ class Config(_Section):
                     raise ValueError(f"routes.{index}.notify: no webhook named {webhook!r} in [webhooks] "
                                      f"(known: {known})")
         return self
+
+    def _check_inputs(self, index: int, route: RouteConfig) -> None:
+        """A study route's models read its roles, a series route's models one series."""
+        for model in route.models:
+            inputs = getattr(self.models[model], "inputs", [])
+            if route.unit == "series" and inputs:
+                raise ValueError(f"routes.{index}.models: {model!r} reads the roles {inputs}: its route needs "
+                                 f'unit = "study" and those inputs')
+            if route.unit == "study" and not hasattr(self.models[model], "inputs"):
+                raise ValueError(f"routes.{index}.models: {model!r} is a built-in model that reads one series; a "
+                                 "study route's models are torchscript or monai_bundle models with inputs")
+            if route.unit == "study" and set(inputs) != set(route.inputs):
+                raise ValueError(f"routes.{index}.models: {model!r} reads the roles {inputs or 'none (one series)'}"
+                                 f", the route's inputs are {list(route.inputs)}: set models.{model}.inputs to them "
+                                 "in its channel order")
+            if route.missing_role == "process" and not getattr(self.models[model], "optional_inputs", []):
+                raise ValueError(f'routes.{index}.missing_role: "process" needs models that can run without a role, '
+                                 f"and models.{model}.optional_inputs names none (or use \"skip\" or \"wait\")")
+            first = next(iter(route.inputs), None)
+            if first in getattr(self.models[model], "optional_inputs", []):
+                raise ValueError(f"routes.{index}.inputs: its first role {first!r} gives the results their grid: "
+                                 f"models.{model}.optional_inputs cannot name it")
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((route for route in self.routes if route.name == name), None)
 
     def outputs_of(self, destination: str) -> tuple[str, ...]:
         """What a destination named in a route receives; `origin` (the sender) and a destination no longer

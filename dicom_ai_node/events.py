@@ -66,6 +66,11 @@ class EventKind(enum.StrEnum):
     # Routing
     ROUTED = "routed"
     NOT_ROUTED = "not-routed"
+    # Study routes: a study whose series fill a route's roles (the message names the signal and the series)
+    STUDY_COMPLETE = "study-complete"  # every role arrived and went quiet, or processed without the missing ones
+    STUDY_SKIPPED = "study-skipped"  # roles still missing at the route's deadline
+    STUDY_WAITING = "study-waiting"  # roles still missing at the route's deadline; the route waits for them
+    STUDY_REOPENED = "study-reopened"  # a series filled a role after the study was decided: decided again
 
     # Jobs (one per state a job ends in, as `job-<state>`)
     JOB_DONE = "job-done"

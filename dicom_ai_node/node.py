@@ -46,7 +46,7 @@ class Node:
         self.index = Index(self.engine)
         self.completion = SeriesCompletion(self.index, config.peers, config.node.ae_title,
                                            config.series.sender_count_wait_seconds, config.fetch.timeout_seconds)
-        self.router = Router(self.engine)
+        self.router = Router(self.engine, config.storage.path)
         self.store = InstanceStore(
             config.storage.path, config.storage.min_free_mb * 2**20, config.storage.results_floor_mb * 2**20
         )
@@ -76,7 +76,7 @@ class Node:
             self.completion.complete_stable_series(
                 self.config.series.stable_seconds, self.config.series.refused_wait_seconds
             )
-        self.router.route_complete_series(self.config.routes)
+        self.router.advance(self.config)
 
     def _advance_forever(self) -> None:
         interval = self.config.series.check_interval_seconds

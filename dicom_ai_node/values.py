@@ -8,7 +8,7 @@ this module without pulling in another stage.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- ingest ---------------------------------------------------------------------------------
 
@@ -84,6 +84,21 @@ class CompletedSeries:
 
 
 @dataclass(frozen=True)
+class SequenceFacts:
+    """How a series was acquired, from one instance's header: MR sequence attributes (PS3.3 C.8.3.1), contrast,
+    slice thickness and when."""
+
+    scanning_sequence: frozenset[str] = frozenset()
+    sequence_variant: frozenset[str] = frozenset()
+    echo_time: float | None = None
+    repetition_time: float | None = None
+    inversion_time: float | None = None
+    contrast_agent: str | None = None
+    slice_thickness: float | None = None
+    acquired: str = ""  # SeriesDate + SeriesTime (else AcquisitionDate + AcquisitionTime), to sort by
+
+
+@dataclass(frozen=True)
 class SeriesFacts:
     """What the router knows about a complete series, from the index."""
 
@@ -94,6 +109,9 @@ class SeriesFacts:
     sop_class_uids: frozenset[str]
     image_types: frozenset[str]
     instances: int
+    # From the header of one of its instances: what study routes' roles match and choose by.
+    sequence: SequenceFacts = field(default_factory=SequenceFacts)
+    series_number: int | None = None
 
 
 @dataclass(frozen=True)

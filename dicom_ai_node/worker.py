@@ -26,7 +26,7 @@ from dicom_ai_node.config import OUTPUT_KINDS, Config, load_config
 from dicom_ai_node.inference.queue import ClaimedJob, JobQueue
 from dicom_ai_node.inference.model import Model, ModelUnavailable, Prediction, result_identity
 from dicom_ai_node.inference.registry import ModelRegistry
-from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume
+from dicom_ai_node.inference.volume import Volume, VolumeError, load_volume, with_roles
 from dicom_ai_node.logs import setup_logging
 from dicom_ai_node.results.objects import Authorship, result_objects
 from dicom_ai_node.results.store import store_result
@@ -65,13 +65,13 @@ class Worker:
             device = str(model.device)
             destinations = self._destinations(job)
             started = time.perf_counter()
-            volume = load_volume(job.paths)
+            volume, sources = self._volume(job)
             times["load"] = time.perf_counter() - started
             started = time.perf_counter()
             prediction = model.predict(volume)
             times["inference"] = time.perf_counter() - started
             started = time.perf_counter()
-            results, found, left_out = self._write_results(job, volume, prediction, model, destinations)
+            results, found, left_out = self._write_results(job, volume, sources, prediction, model, destinations)
             times["write"] = time.perf_counter() - started
         except VolumeError as exc:
             log.warning("job %d (%s) skipped: %s", job.id, job.model, exc)
@@ -99,6 +99,27 @@ class Worker:
             job.id, job.model, found.summary, times["load"], times["inference"], times["write"],
         )
 
+    def _volume(self, job: ClaimedJob) -> tuple[Volume, list[str]]:
+        """The job's series; for a study route's job, with a channel per role its model reads, on that grid.  With
+        the SOP Instance UIDs of every instance it read, which its results' UIDs derive from: a study's job run
+        again on other series makes new objects."""
+        reference = load_volume(job.paths)
+        sources = [frame.sop_instance_uid for frame in reference.frames]
+        if not job.inputs:
+            return reference, sources
+        roles = getattr(self.config.models[job.model], "inputs", [])
+        loaded: dict[str, Volume | None] = {}
+        for role in roles:
+            paths = job.inputs.get(role)
+            try:
+                loaded[role] = None if paths is None else (reference if paths == job.paths else load_volume(paths))
+            except VolumeError as exc:
+                raise VolumeError(f"its {role} series: {exc}") from exc
+        sources += sorted(frame.sop_instance_uid for volume in loaded.values()
+                          if volume is not None and volume is not reference
+                          for frame in volume.frames)
+        return with_roles(reference, loaded), sources  # a role missing (processed without it): zeros
+
     def _destinations(self, job: ClaimedJob) -> list[str]:
         """Where the job's results go: as decided when its series was routed.
 
@@ -106,7 +127,7 @@ class Worker:
         """
         if job.destinations is not None:
             return list(job.destinations)
-        route = next((r for r in self.config.routes if r.name == job.route), None)
+        route = self.config.route(job.route)
         if route is None:
             log.warning("job %d (%s) was queued before jobs stored their destinations, and its route %r is no "
                         "longer configured: its results are not delivered (send them with: dicom-ai-node resend %s "
@@ -115,13 +136,13 @@ class Worker:
         return list(route.destinations)
 
     def _write_results(
-        self, job: ClaimedJob, volume: Volume, prediction: Prediction, model: Model, destinations: list[str]
+        self, job: ClaimedJob, volume: Volume, sources: list[str], prediction: Prediction, model: Model,
+        destinations: list[str],
     ) -> tuple[list[StoredResult], Found, list[str]]:
         """Make the result objects of the prediction (results/objects.py) for what the job's destinations
         receive, and store them; with what the model found, and what was left out and why."""
         settings = self.config.models[job.model]
         identity = result_identity(model, settings)
-        sources = [frame.sop_instance_uid for frame in volume.frames]
         authorship = Authorship(
             uid=lambda kind: derive_uid(kind, model.name, identity, sources),
             model_name=f"{model.name} {model.version}",

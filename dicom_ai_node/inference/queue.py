@@ -10,7 +10,7 @@ when they claim, so it is not taken (and its model not run) again before then.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, func, or_, select, update
@@ -34,6 +34,8 @@ class ClaimedJob:
     series_number: int | None
     paths: list[Path]
     destinations: tuple[str, ...] | None  # decided at routing; None for jobs queued before they were stored
+    # A study route's job: role -> the files of the series that fills it (the job's own series among them).
+    inputs: dict[str, list[Path]] = field(default_factory=dict)
 
 
 class JobQueue:
@@ -80,15 +82,14 @@ class JobQueue:
             if job_id is None:
                 return None
             row = connection.execute(
-                select(Job.model, Job.route, Job.destinations, Series.id, Series.series_instance_uid,
+                select(Job.model, Job.route, Job.destinations, Job.inputs, Series.id, Series.series_instance_uid,
                        Series.series_number, Study.study_instance_uid)
                 .join(Series, Series.id == Job.series_id)
                 .join(Study, Study.id == Series.study_id)
                 .where(Job.id == job_id)
             ).one()
-            paths = connection.execute(
-                select(Instance.file_path).where(Instance.series_id == row.id).order_by(Instance.id)
-            ).scalars()
+            inputs = {role: self._paths(connection, Series.series_instance_uid == uid)
+                      for role, uid in (row.inputs or {}).items()}
             return ClaimedJob(
                 id=job_id,
                 model=row.model,
@@ -96,9 +97,17 @@ class JobQueue:
                 series_instance_uid=row.series_instance_uid,
                 study_instance_uid=row.study_instance_uid,
                 series_number=row.series_number,
-                paths=[self.storage_root / path for path in paths],
+                paths=self._paths(connection, Series.id == row.id),
                 destinations=None if row.destinations is None else tuple(row.destinations),
+                inputs=inputs,
             )
+
+    def _paths(self, connection, which_series) -> list[Path]:
+        paths = connection.execute(
+            select(Instance.file_path).join(Series, Series.id == Instance.series_id).where(which_series)
+            .order_by(Instance.id)
+        ).scalars()
+        return [self.storage_root / path for path in paths]
 
     def finish(
         self,

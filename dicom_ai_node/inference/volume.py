@@ -7,6 +7,7 @@ a model run on a wrongly assembled volume yields results that look plausible and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
+import scipy.ndimage
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
@@ -66,6 +68,9 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     modality: str
+    # For a model that reads several series by role: one array per input channel, on this grid, in the model's
+    # order (`with_roles`); None: `pixels` is the only channel.
+    channels: list[np.ndarray] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -106,11 +111,51 @@ class Volume:
             "original_affine": ras.copy(),
             "spatial_shape": np.array(self.pixels.shape[::-1]),
             "space": SpaceKeys.RAS,
-            "original_channel_dim": float("nan"),  # what EnsureChannelFirst records for "no channel"
+            # what EnsureChannelFirst records for "no channel", or for channels first
+            "original_channel_dim": float("nan") if self.channels is None else 0,
             "filename_or_obj": self.series_instance_uid,
         }
-        array = torch.from_numpy(self.pixels.transpose(2, 1, 0)[np.newaxis])
+        if self.channels is None:
+            array = torch.from_numpy(self.pixels.transpose(2, 1, 0)[np.newaxis])
+        else:
+            array = torch.from_numpy(np.stack(self.channels).transpose(0, 3, 2, 1))
         return MetaTensor(array, affine=torch.from_numpy(ras), meta=meta)
+
+
+def with_roles(reference: Volume, roles: dict[str, Volume | None]) -> Volume:
+    """`reference` with one channel per role, in the dict's order: each role's volume on the reference grid
+    (linear interpolation, zeros outside it), a role without a volume all zeros."""
+    channels = [np.zeros_like(reference.pixels) if volume is None else on_grid(volume, reference, role)
+                for role, volume in roles.items()]
+    return dataclasses.replace(reference, channels=channels)
+
+
+def on_grid(volume: Volume, onto: Volume, role: str) -> np.ndarray:
+    """`volume`'s pixels resampled onto `onto`'s grid through patient space; the same array when the grids are
+    the same.  Series of different frames of reference share no patient space: refused (they need a
+    registration the node does not do)."""
+    if volume.frame_of_reference_uid != onto.frame_of_reference_uid:
+        raise VolumeError(
+            f"the {role} series {volume.series_instance_uid} has another FrameOfReferenceUID than series "
+            f"{onto.series_instance_uid} (the patient moved or was scanned in another session): its voxels cannot be "
+            "matched without a registration"
+        )
+    if volume.shape == onto.shape and _same_corners(volume, onto):
+        return volume.pixels
+    mapping = np.linalg.solve(volume.affine, onto.affine)  # onto's (i, j, k) -> volume's (i, j, k)
+    axes = [2, 1, 0]  # arrays are indexed (k, j, i)
+    return scipy.ndimage.affine_transform(
+        volume.pixels, mapping[:3, :3][np.ix_(axes, axes)], mapping[:3, 3][axes], output_shape=onto.shape,
+        order=1, mode="constant", cval=0.0,
+    ).astype(np.float32)
+
+
+def _same_corners(volume: Volume, onto: Volume) -> bool:
+    """The grids' corner voxels lie within _GRID_TOLERANCE_MM of each other in the patient: a spacing or angle
+    difference too small to see in the affine grows with the index, so the corners are compared."""
+    slices, rows, columns = volume.shape
+    corners = np.array([[i, j, k, 1.0] for i in (0, columns - 1) for j in (0, rows - 1) for k in (0, slices - 1)])
+    return bool(np.abs(corners @ volume.affine.T - corners @ onto.affine.T).max() <= _GRID_TOLERANCE_MM)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,8 @@ class CTPhantom:
     seed: int = 0
     lung_z_centre: float = 0.0  # move the lungs off the stack centre so head and feet differ
     gantry_tilt_deg: float = 0.0  # slices step along z and y while the orientation stays as given
+    # Series of one session share one (MR sequences of one exam); None: one of its own, derived from the series
+    frame_of_reference_uid: str | None = None
 
     @classmethod
     def feet_first(cls, **kwargs) -> CTPhantom:
@@ -322,7 +324,7 @@ def _common_dataset(phantom: CTPhantom, sop_class_uid: str, sop_uid: str) -> Dat
     ds.StudyID = "1"
     ds.SeriesNumber = phantom.series_number
     ds.AcquisitionNumber = 1
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[phantom.series_uid, "FoR"])
+    ds.FrameOfReferenceUID = phantom.frame_of_reference_uid or generate_uid(entropy_srcs=[phantom.series_uid, "FoR"])
     ds.PositionReferenceIndicator = ""
     return ds
 

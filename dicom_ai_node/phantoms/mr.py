@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 
 from dicom_ai_node.inference.volume import SourceFrame, Volume
-from dicom_ai_node.phantoms.ct import HU_AIR, HU_BONE, HU_LUNG, HU_SOFT_TISSUE, CTPhantom
+from dicom_ai_node.phantoms.ct import HU_AIR, HU_BONE, HU_CONTRAST_BLOOD, HU_LUNG, HU_SOFT_TISSUE, CTPhantom
 
 _MAX_STORED = 4095  # 12 bits stored, as the CT phantom's pixel module declares
 
@@ -32,11 +32,12 @@ class MRContrast:
     soft_tissue: float = 800.0
     lung: float = 60.0
     bone: float = 350.0
+    enhanced_blood: float = 1600.0  # blood with a gadolinium agent (the geometry's `contrast`): T1 shortened
 
     def signal(self, hu: np.ndarray) -> np.ndarray:
         """Signal for the CT phantom's material map (its HU values name the materials)."""
-        materials = [HU_AIR, HU_SOFT_TISSUE, HU_LUNG, HU_BONE]
-        values = [self.air, self.soft_tissue, self.lung, self.bone]
+        materials = [HU_AIR, HU_SOFT_TISSUE, HU_LUNG, HU_BONE, HU_CONTRAST_BLOOD]
+        values = [self.air, self.soft_tissue, self.lung, self.bone, self.enhanced_blood]
         return np.select([hu == m for m in materials], values, default=self.air).astype(np.float64)
 
 
@@ -48,6 +49,14 @@ class MRPhantom(CTPhantom):
     contrast: MRContrast = field(default_factory=MRContrast)
     noise_fraction: float = 0.02  # Rician noise sigma as a fraction of the soft-tissue signal
     bias_per_100mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # linear receive-coil bias along LPS x, y, z
+    # The sequence its header declares (PS3.3 C.8.3.1), so routes can tell a T1 from a FLAIR; the signal stays
+    # `contrast`'s.  The geometry's `contrast` adds a ContrastBolusAgent.
+    series_description: str = "Phantom T1 axial"
+    scanning_sequence: str = "GR"
+    sequence_variant: str = "SP"
+    repetition_time: float = 7.5
+    echo_time: float = 3.0
+    inversion_time: float | None = None
 
     def slice_points(self, index: int) -> np.ndarray:
         """Patient (LPS) coordinates of every pixel centre of slice `index`, shape (rows, columns, 3)."""
@@ -84,14 +93,18 @@ class MRPhantom(CTPhantom):
                 delattr(ds, keyword)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.StudyDescription = "Synthetic MR phantom"
-        ds.SeriesDescription = "Phantom T1 axial"
-        ds.ScanningSequence = "GR"
-        ds.SequenceVariant = "SP"
+        ds.SeriesDescription = self.series_description
+        ds.ScanningSequence = self.scanning_sequence
+        ds.SequenceVariant = self.sequence_variant
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "3D"
         ds.SequenceName = "phantom_t1_gre"
-        ds.RepetitionTime = 7.5
-        ds.EchoTime = 3.0
+        ds.RepetitionTime = self.repetition_time
+        ds.EchoTime = self.echo_time
+        if self.inversion_time is not None:
+            ds.InversionTime = self.inversion_time
+        if self.geometry.contrast:
+            ds.ContrastBolusAgent = "Gadobutrol"
         ds.EchoTrainLength = 1
         ds.FlipAngle = 12
         ds.MagneticFieldStrength = 1.5

@@ -1,124 +1,111 @@
-"""The routing stage: complete series -> jobs (or not-routed, with the reason).
+"""The routing stage: complete series -> jobs (or not-routed, with the reason); study routes in study.py.
 
 Every change of a series from `complete` to `routed` or `not-routed`, and the
-jobs that routing queues, are made here.
+jobs that routing queues, are made here and in study.py.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy import Engine, select, update
 
-from dicom_ai_node.config import RouteConfig
+from dicom_ai_node.config import Config, RouteConfig
 from dicom_ai_node.events import EventKind, Level
-from dicom_ai_node.routing.rules import choose_route
+from dicom_ai_node.routing.jobs import priority_of, queue_jobs, urgency
+from dicom_ai_node.routing.rules import choose_route, roles_of
+from dicom_ai_node.routing.study import StudyRouter
 from dicom_ai_node.store.index import insert_event
-from dicom_ai_node.store.models import Instance, Job, JobState, Priority, Series, SeriesState, Study, utcnow
+from dicom_ai_node.store.models import Series, SeriesState, Study, utcnow
 from dicom_ai_node.values import RouteDecision, SeriesFacts
 
 log = logging.getLogger(__name__)
 
-_jobs = Job.__table__
 _series = Series.__table__
 
 
 class Router:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, storage_root: Path) -> None:
         self.engine = engine
+        self.studies = StudyRouter(engine, storage_root)
+
+    def advance(self, config: Config) -> int:
+        """Route every complete series, then decide the studies on study routes that are ready."""
+        return self.route_complete_series(config.routes) + self.studies.decide(config)
 
     def route_complete_series(self, routes: list[RouteConfig]) -> int:
         """Route every series in state `complete`; returns how many were handled."""
         handled = 0
-        for series_id, study_uid, facts in self.complete_series_facts():
+        for series_id, study_id, study_uid, facts in self.complete_series_facts():
             decision = choose_route(facts, routes)
-            if not self.apply_route(series_id, study_uid, facts, decision):
+            filled = self.apply_route(series_id, study_id, study_uid, facts, decision, routes)
+            if filled is None:
                 continue  # re-opened by a late instance meanwhile; routed after its next completion
             handled += 1
             if decision.models:
                 log.info("series %s: %s -> %s", facts.series_instance_uid, decision.reason, ", ".join(decision.models))
+            elif filled:
+                log.info("series %s: %s", facts.series_instance_uid, "; ".join(filled))
             else:
                 log.warning("series %s not routed: %s", facts.series_instance_uid, decision.reason)
         return handled
 
-    def complete_series_facts(self) -> list[tuple[int, str, SeriesFacts]]:
-        """(series id, study UID, facts) of every series waiting to be routed."""
+    def complete_series_facts(self) -> list[tuple[int, int, str, SeriesFacts]]:
+        """(series id, study id, study UID, facts) of every series waiting to be routed."""
         with self.engine.connect() as connection:
             rows = connection.execute(
-                select(Series.id, Series.series_instance_uid, Series.modality, Series.body_part_examined,
-                       Series.series_description, Study.study_instance_uid)
+                select(Series.id, Series.study_id, Series.last_received_at, Study.study_instance_uid)
                 .join(Study, Study.id == Series.study_id)
                 .where(Series.state == SeriesState.COMPLETE.value)
                 .order_by(Series.completed_at)
             ).all()
-            facts = []
-            for row in rows:
-                instances = connection.execute(
-                    select(Instance.sop_class_uid, Instance.image_type).where(Instance.series_id == row.id)
-                ).all()
-                facts.append(
-                    (
-                        row.id,
-                        row.study_instance_uid,
-                        SeriesFacts(
-                            series_instance_uid=row.series_instance_uid,
-                            modality=row.modality,
-                            body_part_examined=row.body_part_examined,
-                            series_description=row.series_description,
-                            sop_class_uids=frozenset(i.sop_class_uid for i in instances),
-                            image_types=frozenset(i.image_type for i in instances if i.image_type),
-                            instances=len(instances),
-                        ),
-                    )
-                )
-        return facts
+            return [(row.id, row.study_id, row.study_instance_uid,
+                     self.studies.facts(connection, row.id, row.last_received_at)) for row in rows]
 
-    def apply_route(self, series_id: int, study_uid: str, facts: SeriesFacts, decision: RouteDecision) -> bool:
-        """Queue the decision's jobs (or mark not-routed); False if the series changed meanwhile."""
+    def apply_route(
+        self,
+        series_id: int,
+        study_id: int,
+        study_uid: str,
+        facts: SeriesFacts,
+        decision: RouteDecision,
+        routes: list[RouteConfig],
+    ) -> list[str] | None:
+        """Queue the decision's jobs and open the study on the study routes whose roles the series fills (or mark
+        it not-routed); returns what it is to study routes, None if the series changed meanwhile."""
         now = utcnow()
-        state = SeriesState.ROUTED if decision.models else SeriesState.NOT_ROUTED
+        fills = any(roles_of(route, facts) for route in routes if route.unit == "study")
+        routed = bool(decision.models) or fills
+        state = SeriesState.ROUTED if routed else SeriesState.NOT_ROUTED
         with self.engine.begin() as connection:
             changed = connection.execute(
                 update(_series)
                 .where(_series.c.id == series_id, _series.c.state == SeriesState.COMPLETE.value)
-                .values(
-                    state=state.value,
-                    state_reason=None if decision.models else decision.reason,
-                    reprocess_requested=False,
-                )
+                .values(state=state.value, state_reason=None if routed else decision.reason,
+                        reprocess_requested=False)
             ).rowcount
             if not changed:
-                return False
-            study_priority = connection.execute(
-                select(Study.priority).join(Series, Series.study_id == Study.id).where(Series.id == series_id)
-            ).scalar()
-            priority = Priority[decision.priority.upper()] if study_priority is None else Priority(study_priority)
-            for model in decision.models:
-                connection.execute(
-                    _jobs.insert().values(
-                        series_id=series_id,
-                        route=decision.route,
-                        model=model,
-                        destinations=list(decision.destinations),
-                        notify=list(decision.notify) or None,
-                        state=JobState.QUEUED.value,
-                        priority=priority.value,
-                        attempts=0,
-                        created_at=now,
-                    )
-                )
-            urgency = "" if priority is Priority.ROUTINE else f" ({priority.label})"
-            message = (
-                f"{decision.reason}: queued for {', '.join(decision.models)}{urgency}"
-                if decision.models
-                else f"not routed: {decision.reason}"
-            )
+                return None
+            filled = self.studies.collect(connection, study_id, study_uid, facts, routes)
+            priority = priority_of(connection, study_id, decision.priority)
+            queue_jobs(connection, series_id=series_id, route=decision.route or "", models=decision.models,
+                       destinations=decision.destinations, notify=decision.notify, priority=priority, now=now)
+            if decision.models:
+                message = f"{decision.reason}: queued for {', '.join(decision.models)}{urgency(priority)}"
+                message += "".join(f"; {words}" for words in filled)
+            elif filled:
+                message = "input " + "; ".join(filled)
+            else:
+                message = f"not routed: {decision.reason}"
+                if any(route.unit == "study" for route in routes):
+                    message += f" (nor does it fill a study route's role: dicom-ai-node roles {study_uid})"
             insert_event(
                 connection,
-                EventKind.ROUTED if decision.models else EventKind.NOT_ROUTED,
+                EventKind.ROUTED if routed else EventKind.NOT_ROUTED,
                 message,
-                level=Level.INFO if decision.models else Level.WARNING,
+                level=Level.INFO if routed else Level.WARNING,
                 study_instance_uid=study_uid,
                 series_instance_uid=facts.series_instance_uid,
             )
-        return True
+        return filled

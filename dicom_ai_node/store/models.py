@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -73,6 +74,15 @@ class Priority(enum.IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+class StudyRouteState(str, enum.Enum):
+    """Where a study is on a study route (one whose model reads several series of the study by role)."""
+
+    COLLECTING = "collecting"  # a series of it fills one of the route's roles; waits for the others and quiet
+    WAITING = "waiting"  # roles still missing after the route's study_wait_seconds; the route says wait
+    QUEUED = "queued"  # jobs queued with the series of its roles (see the jobs table for their progress)
+    SKIPPED = "skipped"  # roles still missing after the route's study_wait_seconds (reason recorded)
 
 
 class FetchState(str, enum.Enum):
@@ -256,6 +266,9 @@ class Job(Base):
     # Set while the job waits for disk space: free bytes its results need (its reserve included).
     # Workers take it again only once the disk has that much free; `queued` meanwhile, the reason in `error`.
     needs_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # A study route's job: role -> SeriesInstanceUID of the series it reads (since 0013); `series_id` is the
+    # route's first role, whose grid the results lie on.  NULL for a series route's job.
+    inputs: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))
     # What the model found: how many findings (segments with voxels, detections; 1 for a classification's
     # answer), 0 for "found nothing", and in a line for admins ("Nodule 1 (97%)", "Contrast agent: Present").
     findings: Mapped[int | None] = mapped_column(Integer)
@@ -265,6 +278,26 @@ class Job(Base):
     write_seconds: Mapped[float | None] = mapped_column(Float)
 
     results: Mapped[list[ResultObject]] = relationship(back_populates="job")
+
+
+class StudyRoute(Base):
+    """A study on a study route: which series fill the route's roles, which are missing, and what was decided
+    (since 0013).  A series that fills a role after the decision opens it again: new jobs, new results."""
+
+    __tablename__ = "study_routes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))  # indexed by the unique (study_id, route)
+    route: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=StudyRouteState.COLLECTING.value, index=True)
+    inputs: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))  # role -> series UID, as queued
+    missing: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))  # roles without a series, as decided
+    reason: Mapped[str | None] = mapped_column(Text)
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # how many times its jobs were queued
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (UniqueConstraint("study_id", "route"),)
 
 
 class ResultObject(Base):

@@ -415,6 +415,7 @@ def _job_row(row) -> dict[str, Any]:
         "route": row.route,
         "StudyInstanceUID": row.study_instance_uid,
         "SeriesInstanceUID": row.series_instance_uid,
+        "inputs": row.inputs,  # a study route's job: role -> SeriesInstanceUID
         "Modality": row.modality,
         "attempts": row.attempts,
         "device": row.device,

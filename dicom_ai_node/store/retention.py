@@ -28,6 +28,8 @@ from dicom_ai_node.store.models import (
     Series,
     SeriesState,
     Study,
+    StudyRoute,
+    StudyRouteState,
     utcnow,
 )
 
@@ -46,6 +48,10 @@ def _eligible(connection, study_id: int) -> bool:
         select(exists().where(Series.study_id == study_id,
                               Series.state.in_((SeriesState.RECEIVING.value, SeriesState.COMPLETE.value))))
     ).scalar()
+    busy_study_routes = connection.execute(  # still collecting its roles, or waiting for one
+        select(exists().where(StudyRoute.study_id == study_id, StudyRoute.state.in_(
+            (StudyRouteState.COLLECTING.value, StudyRouteState.WAITING.value))))
+    ).scalar()
     busy_jobs = connection.execute(
         select(exists().where(Job.series_id.in_(series_ids),
                               Job.state.in_((JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value))))
@@ -61,7 +67,7 @@ def _eligible(connection, study_id: int) -> bool:
             ~exists().where(Delivery.job_id == Job.id, Delivery.state == DeliveryState.DELIVERED.value),
         ))
     ).scalar()
-    return not (busy_series or busy_jobs or undelivered or never_sent)
+    return not (busy_series or busy_study_routes or busy_jobs or undelivered or never_sent)
 
 
 def purge_older_than(engine: Engine, storage_root: Path, days: float, dry_run: bool = False) -> list[Purged]:
