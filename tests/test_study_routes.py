@@ -307,3 +307,27 @@ def test_a_route_that_waits_says_so_once_and_a_series_of_another_session_is_a_sk
     (job,) = node.wait_for(lambda: node.json("jobs", "--state", "skipped"), timeout=120, what="the skipped job")
     assert "another FrameOfReferenceUID" in job["error"] and "t1c" in job["error"]
     assert len(_events(node, "study-waiting", study_uid)) == 1
+
+
+def test_headers_that_lie_about_their_sequence_match_no_role_that_asks_for_it(tmp_path):
+    """An EchoTime that is not a number, a ScanningSequence of junk, a file that is not DICOM: routing reads what
+    it can and the roles that ask for those attributes do not match (never an exception in the routing stage)."""
+    ds = MRPhantom(slices=2).dataset(0)
+    ds.EchoTime = "12345.67"  # placeholders of the lying values' lengths, replaced in the written bytes
+    ds.InversionTime = "1234.567"
+    ds.ScanningSequence = ["IR", "", "  ", "XX"]
+    ds.SliceThickness = ""
+    path = tmp_path / "liar.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(path.read_bytes().replace(b"12345.67", b"abc     ").replace(b"1234.567", b"1e999999")
+                     .replace(b"\\XX", b"\\\x00 "))
+    sequence = read_sequence(path)
+    assert sequence.echo_time is None and sequence.slice_thickness is None
+    assert "IR" in sequence.scanning_sequence and "" not in sequence.scanning_sequence
+    study = RouteConfig(**route())
+    facts = SeriesFacts("1.2.3", "MR", None, "FLAIR", frozenset({pydicom.uid.MRImageStorage}), frozenset(), 2,
+                        sequence, 2)
+    assert roles_of(study, facts) == []  # the flair role wants an echo time and an inversion time in range
+    not_dicom = tmp_path / "not.dcm"
+    not_dicom.write_bytes(b"\x00" * 10)
+    assert read_sequence(not_dicom) == SequenceFacts()
