@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select, update
 from dicom_ai_node.config import Config, RouteConfig
 from dicom_ai_node.events import EventKind, Level
 from dicom_ai_node.routing.jobs import priority_of, queue_jobs, urgency
-from dicom_ai_node.routing.rules import choose_route, roles_of
+from dicom_ai_node.routing.rules import choose_route, roles_filled
 from dicom_ai_node.routing.study import StudyRouter
 from dicom_ai_node.store.index import insert_event
 from dicom_ai_node.store.models import Series, SeriesState, Study, utcnow
@@ -75,8 +75,8 @@ class Router:
         """Queue the decision's jobs and open the study on the study routes whose roles the series fills (or mark
         it not-routed); returns what it is to study routes, None if the series changed meanwhile."""
         now = utcnow()
-        fills = any(roles_of(route, facts) for route in routes if route.unit == "study")
-        routed = bool(decision.models) or fills
+        fills = roles_filled(facts, routes)
+        routed = bool(decision.models or fills)
         state = SeriesState.ROUTED if routed else SeriesState.NOT_ROUTED
         with self.engine.begin() as connection:
             changed = connection.execute(
@@ -87,7 +87,7 @@ class Router:
             ).rowcount
             if not changed:
                 return None
-            filled = self.studies.collect(connection, study_id, study_uid, facts, routes)
+            filled = self.studies.collect(connection, study_id, study_uid, facts.series_instance_uid, fills)
             priority = priority_of(connection, study_id, decision.priority)
             queue_jobs(connection, series_id=series_id, route=decision.route or "", models=decision.models,
                        destinations=decision.destinations, notify=decision.notify, priority=priority, now=now)

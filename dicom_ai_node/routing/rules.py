@@ -74,9 +74,14 @@ def role_mismatch(route: RouteConfig, role: RoleConfig, facts: SeriesFacts) -> s
 
 def roles_of(route: RouteConfig, facts: SeriesFacts) -> list[str]:
     """The roles of a study route that a series can fill."""
-    if is_non_image_series(facts):
+    if non_image_classes(facts):
         return []
     return [name for name, role in route.inputs.items() if role_mismatch(route, role, facts) is None]
+
+
+def roles_filled(facts: SeriesFacts, routes: list[RouteConfig]) -> dict[str, list[str]]:
+    """Study route name -> the roles of it the series can fill, for the study routes it fills any of."""
+    return {route.name: roles for route in routes if route.unit == "study" and (roles := roles_of(route, facts))}
 
 
 def preferred(role: RoleConfig, candidates: list[SeriesFacts]) -> SeriesFacts:
@@ -94,13 +99,13 @@ def preferred(role: RoleConfig, candidates: list[SeriesFacts]) -> SeriesFacts:
     return max(candidates, key=keys[role.prefer])
 
 
-def is_non_image_series(facts: SeriesFacts) -> bool:
-    return any(is_non_image(uid) for uid in facts.sop_class_uids)
+def non_image_classes(facts: SeriesFacts) -> list[str]:
+    """The SOP classes of the series that are never images for a model, sorted."""
+    return sorted(uid for uid in facts.sop_class_uids if is_non_image(uid))
 
 
 def choose_route(facts: SeriesFacts, routes: list[RouteConfig]) -> RouteDecision:
-    non_image = sorted(uid for uid in facts.sop_class_uids if is_non_image(uid))
-    if non_image:
+    if non_image := non_image_classes(facts):
         return RouteDecision(None, (), (), f"non-image objects ({', '.join(non_image)}) are never sent to a model")
     if not any(route.unit == "series" for route in routes):
         return RouteDecision(None, (), (), "no series routes are configured")

@@ -52,6 +52,7 @@ class RoleAssignment:
     chosen: dict[str, SeriesFacts] = field(default_factory=dict)  # role -> the series that fills it
     candidates: dict[str, list[SeriesFacts]] = field(default_factory=dict)  # role -> every series that could
     missing: list[str] = field(default_factory=list)
+    arrived: list[SeriesFacts] = field(default_factory=list)  # series of the study complete and routed
     arriving: list[str] = field(default_factory=list)  # series of the study not yet complete and routed
     ids: dict[str, int] = field(default_factory=dict)  # SeriesInstanceUID -> series id
     received: dict[str, dt.datetime] = field(default_factory=dict)  # SeriesInstanceUID -> its last instance
@@ -72,35 +73,31 @@ class StudyRouter:
         return known[1]
 
     def collect(
-        self, connection: Connection, study_id: int, study_uid: str, facts: SeriesFacts, routes: list[RouteConfig]
+        self, connection: Connection, study_id: int, study_uid: str, series_uid: str, filled: dict[str, list[str]]
     ) -> list[str]:
-        """Open the study on every study route whose roles the series fills (again, if it was decided);
-        returns what the series is to them, e.g. ["t1 of study route 'brain'"]."""
-        filled = []
-        for route in (route for route in routes if route.unit == "study"):
-            roles = roles_of(route, facts)
-            if not roles:
-                continue
-            filled.append(f"{'/'.join(roles)} of study route {route.name!r}")
+        """Open the study on every study route whose roles the series fills (`filled`: route name -> roles, from
+        `roles_filled`), again if it was decided; returns what the series is to them, e.g. ["t1 of study route
+        'brain'"]."""
+        for name, roles in filled.items():
             state = connection.execute(
-                select(StudyRoute.state).where(StudyRoute.study_id == study_id, StudyRoute.route == route.name)
+                select(StudyRoute.state).where(StudyRoute.study_id == study_id, StudyRoute.route == name)
             ).scalar()
             if state is None:
                 connection.execute(_study_routes.insert().values(
-                    study_id=study_id, route=route.name, state=StudyRouteState.COLLECTING.value, runs=0,
+                    study_id=study_id, route=name, state=StudyRouteState.COLLECTING.value, runs=0,
                     opened_at=utcnow()))
             elif state != StudyRouteState.COLLECTING.value:
-                reopened = (f"series {facts.series_instance_uid} ({'/'.join(roles)}) arrived after the study was "
-                            f"{state} on route {route.name!r}: decided again once its series are quiet")
+                reopened = (f"series {series_uid} ({'/'.join(roles)}) arrived after the study was {state} on route "
+                            f"{name!r}: decided again once its series are quiet")
                 connection.execute(
                     update(_study_routes)
-                    .where(_study_routes.c.study_id == study_id, _study_routes.c.route == route.name)
+                    .where(_study_routes.c.study_id == study_id, _study_routes.c.route == name)
                     .values(state=StudyRouteState.COLLECTING.value, opened_at=utcnow(), reason=reopened)
                 )
                 if state != StudyRouteState.WAITING.value:
                     insert_event(connection, EventKind.STUDY_REOPENED, reopened, study_instance_uid=study_uid,
-                                 series_instance_uid=facts.series_instance_uid)
-        return filled
+                                 series_instance_uid=series_uid)
+        return [f"{'/'.join(roles)} of study route {name!r}" for name, roles in filled.items()]
 
     def assign(self, connection: Connection, study_id: int, route: RouteConfig) -> RoleAssignment:
         """The study's series by the route's roles, as things stand."""
@@ -121,6 +118,7 @@ class StudyRouter:
             ):
                 assigned.last_completed = row.completed_at
             facts = self.facts(connection, row.id, row.last_received_at)
+            assigned.arrived.append(facts)
             for role in roles_of(route, facts):
                 assigned.candidates.setdefault(role, []).append(facts)
         for name, role in route.inputs.items():
@@ -174,14 +172,14 @@ class StudyRouter:
             return self._close(connection, row, StudyRouteState.WAITING, EventKind.STUDY_WAITING,
                                f"{after}: route {route.name!r} waits for them; `dicom-ai-node roles "
                                f"{row.study_instance_uid}` shows why each series does not fill them",
-                               Level.WARNING, now, assigned.missing)
+                               Level.WARNING, now)
         if route.missing_role == "process":
             cannot = self._cannot_run_without(config, route, assigned.missing)
             if not cannot:
                 return self._queue(connection, row, route, assigned, f"{after}: processed without them", now)
             after += f"; {cannot}"
         return self._close(connection, row, StudyRouteState.SKIPPED, EventKind.STUDY_SKIPPED,
-                           f"{after}: skipped on route {route.name!r}", Level.WARNING, now, assigned.missing)
+                           f"{after}: skipped on route {route.name!r}", Level.WARNING, now)
 
     def _cannot_run_without(self, config: Config, route: RouteConfig, missing: list[str]) -> str | None:
         """Why the route's models cannot run without the missing roles; None if they all can."""
@@ -204,12 +202,12 @@ class StudyRouter:
                                                      for uid in inputs.values()):
             return self._close(connection, row, StudyRouteState.QUEUED, EventKind.STUDY_COMPLETE,
                                f"study complete again on route {route.name!r} ({signal}): the same series fill its "
-                               f"roles ({described}); nothing runs again", Level.INFO, now, assigned.missing, inputs)
+                               f"roles ({described}); nothing runs again", Level.INFO, now, inputs)
         priority = priority_of(connection, row.study_id, route.priority)
         again = " again" if row.runs else ""
         if not self._close(connection, row, StudyRouteState.QUEUED, EventKind.STUDY_COMPLETE,
                            f"study complete{again} on route {route.name!r} ({signal}): {described}; queued for "
-                           f"{', '.join(route.models)}{urgency(priority)}", Level.INFO, now, assigned.missing, inputs,
+                           f"{', '.join(route.models)}{urgency(priority)}", Level.INFO, now, inputs,
                            runs=row.runs + 1):
             return False
         of_study = select(Series.id).where(Series.study_id == row.study_id)
@@ -233,13 +231,12 @@ class StudyRouter:
         message: str,
         level: Level,
         at: dt.datetime,
-        missing: list[str] | None = None,
         inputs: dict[str, str] | None = None,
         runs: int | None = None,
     ) -> bool:
         """Record the decision made `at` (before its series were read), if the study was still as `row` saw it;
         True if it was."""
-        values = {"state": state.value, "reason": message, "missing": missing or None, "decided_at": at}
+        values = {"state": state.value, "reason": message, "decided_at": at}
         if inputs is not None:
             values["inputs"] = inputs
         if runs is not None:
@@ -271,12 +268,6 @@ def study_roles(router: StudyRouter, config: Config, study_uid: str) -> list[dic
             select(StudyRoute.route, StudyRoute.state, StudyRoute.reason, StudyRoute.inputs, StudyRoute.runs)
             .where(StudyRoute.study_id == study_id)
         )}
-        series = connection.execute(
-            select(Series.id, Series.last_received_at, Series.state).where(Series.study_id == study_id)
-            .order_by(Series.id)
-        ).all()
-        every = [router.facts(connection, row.id, row.last_received_at) for row in series
-                 if row.state in _ARRIVED]
         for route in (route for route in config.routes if route.unit == "study"):
             assigned = router.assign(connection, study_id, route)
             row = decided.get(route.name)
@@ -291,7 +282,8 @@ def study_roles(router: StudyRouter, config: Config, study_uid: str) -> list[dic
                                          if facts is not chosen],
                     "ran_on": None if row is None or not row.inputs else row.inputs.get(name),
                     "why_not": {} if chosen is not None else {
-                        _series_words(facts): role_mismatch(route, route.inputs[name], facts) for facts in every},
+                        _series_words(facts): role_mismatch(route, route.inputs[name], facts)
+                        for facts in assigned.arrived},
                 })
             shown.append({
                 "route": route.name,

@@ -281,7 +281,7 @@ class Job(Base):
 
 
 class StudyRoute(Base):
-    """A study on a study route: which series fill the route's roles, which are missing, and what was decided
+    """A study on a study route: which series its jobs read for the route's roles, and what was decided
     (since 0013).  A series that fills a role after the decision opens it again: new jobs, new results."""
 
     __tablename__ = "study_routes"
@@ -291,7 +291,6 @@ class StudyRoute(Base):
     route: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=StudyRouteState.COLLECTING.value, index=True)
     inputs: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))  # role -> series UID, as queued
-    missing: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))  # roles without a series, as decided
     reason: Mapped[str | None] = mapped_column(Text)
     runs: Mapped[int] = mapped_column(Integer, default=0)  # how many times its jobs were queued
     opened_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -22,7 +22,6 @@ def upgrade() -> None:
         sa.Column('route', sa.String(length=64), nullable=False),
         sa.Column('state', sa.String(length=16), nullable=False),
         sa.Column('inputs', sa.JSON(none_as_null=True), nullable=True),
-        sa.Column('missing', sa.JSON(none_as_null=True), nullable=True),
         sa.Column('reason', sa.Text(), nullable=True),
         sa.Column('runs', sa.Integer(), nullable=False),
         sa.Column('opened_at', sa.DateTime(), nullable=False),
